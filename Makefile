@@ -1,0 +1,38 @@
+# Every target sources env.sh (if there is one) so DATA_DIR, RESULTS_DIR and threads apply.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
+TRAIN := $(PY) src/scripts/train_simple_CNN.py
+DEMO := scratch/demo
+
+.PHONY: install test lint clean demo simple_cnn_cifar10 simple_cnn_cifar100
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	[ -f env.sh ] || cp env.sh.example env.sh
+
+test:
+	$(PY) -m pytest -q tests
+
+lint:
+	$(VENV)/bin/ruff check src configs tests
+
+clean:
+	rm -rf .pytest_cache .ruff_cache scratch
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+# Offline: a small learnable CIFAR-10-format archive, a few epochs on it, then its test accuracy.
+demo:
+	[ -f $(DEMO)/data/cifar-10-python.tar.gz ] || $(PY) -m src.cifar_writer $(DEMO)/data --n-train 5000 --n-test 1000
+	DATA_DIR=$(DEMO)/data $(TRAIN) cifar10 $(DEMO)/run --n_epochs=4 --valid_size=500 --n_filters=16
+	DATA_DIR=$(DEMO)/data $(PY) src/scripts/evaluate.py $(DEMO)/run
+
+# One target per experiment; rerun a target to resume it.
+simple_cnn_cifar10:
+	$(ENV) $(TRAIN) cifar10 $${RESULTS_DIR:-results}/simple_cnn_cifar10
+
+simple_cnn_cifar100:
+	$(ENV) $(TRAIN) cifar100 $${RESULTS_DIR:-results}/simple_cnn_cifar100

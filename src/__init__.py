@@ -1,0 +1,1 @@
+"""Training small CNNs on CIFAR-10/100: configs, data, bricks and an ignite main loop."""

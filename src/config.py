@@ -1,0 +1,125 @@
+"""Named configs and `--key=value` overrides typed by the root config.
+
+A config is a flat dict. Every named config derives from `root`, so the root's value types are
+the schema: an override or a JSON config must give each key a value of the root's type.
+"""
+import copy
+import difflib
+import json
+from pathlib import Path
+
+from src.errors import UsageError
+
+TRUE_WORDS = {"true", "yes", "1"}
+FALSE_WORDS = {"false", "no", "0"}
+
+
+class ConfigRegistry:
+    """Name -> config dict; `set_root` fixes the keys and their types for all the others."""
+
+    def __init__(self):
+        self._configs = {}
+
+    def set_root(self, config):
+        self._configs["root"] = copy.deepcopy(config)
+
+    @property
+    def root(self):
+        return copy.deepcopy(self._configs["root"])
+
+    def derive(self, name, **changes):
+        """Register `name` as the root with `changes`; their keys and types are checked here too."""
+        config = self.root
+        for key, value in changes.items():
+            config[key] = check_value(key, value, config)
+        self._configs[name] = config
+
+    def names(self):
+        return sorted(self._configs)
+
+    def get(self, name_or_path):
+        """A registered name, or a path to a `.json` config (missing keys take the root's values)."""
+        if name_or_path.endswith(".json"):
+            return self._load_json(Path(name_or_path))
+        if name_or_path not in self._configs:
+            raise UsageError(
+                f"unknown config '{name_or_path}'; available: {', '.join(self.names())} "
+                "(or a path to a .json config)"
+            )
+        return copy.deepcopy(self._configs[name_or_path])
+
+    def _load_json(self, path):
+        try:
+            loaded = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"config file {path} must hold a JSON object of key: value")
+        config = self.root
+        for key, value in loaded.items():
+            check_known_key(key, config, where=f"in {path}: ")
+            config[key] = check_value(key, value, config)
+        return config
+
+
+def check_known_key(key, config, where=""):
+    if key not in config:
+        close = difflib.get_close_matches(key, list(config), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the keys"
+        raise UsageError(f"{where}unknown config key '{key}'{hint}")
+
+
+def type_name(value):
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list (JSON)", dict: "dict (JSON)"}[
+        type(value)
+    ]
+
+
+def check_value(key, value, config):
+    """`value` if it has the root's type for `key` (an int is accepted for a float)."""
+    expected = type(config[key])
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise UsageError(f"bad value {value!r} for --{key}: expected {type_name(config[key])}")
+    return value
+
+
+def parse_value(key, text, config):
+    """Turn the text of `--key=text` into a value of the root's type for `key`."""
+    expected = type(config[key])
+    bad = UsageError(f"bad value '{text}' for --{key}: expected {type_name(config[key])}")
+    if expected is bool:
+        word = text.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise UsageError(f"bad value '{text}' for --{key}: expected bool (true/false/yes/no/1/0)")
+    if expected in (int, float):
+        try:
+            return expected(text)
+        except ValueError:
+            raise bad from None
+    if expected is str:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise bad from None
+    return check_value(key, value, config)
+
+
+def apply_overrides(config, overrides):
+    """`overrides`: key -> text from the command line."""
+    config = copy.deepcopy(config)
+    for key, text in overrides.items():
+        check_known_key(key, config)
+        config[key] = parse_value(key, text, config)
+    return config
+
+
+def diff_keys(old, new):
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

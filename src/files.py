@@ -1,0 +1,90 @@
+"""Crash-safe file writes and the one-process-per-run-folder lock.
+
+A file is either the old version or the new one, never half of each: we write a temporary file
+in the same folder, fsync it, rename it over the target and fsync the folder, so that a kill or
+power loss at any instant leaves something whole behind.
+"""
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from src.errors import RunError
+
+TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Call `write(file_object)` on a temporary file, then move it to `path` in one step."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path, obj):
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def remove_stale_temporaries(folder):
+    """Temporary files left by a process killed mid-write are never valid: delete them."""
+    for stale in Path(folder).glob(TMP_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
+
+
+class RunFolderLock:
+    """An exclusive flock on SAVE_PATH/.lock; the kernel drops it when the holder dies, even by kill -9."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self._fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunError(
+                f"run folder {self.path.parent} is in use by process {holder}; "
+                "wait for it to finish or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,335 @@
+"""The main loop: an ignite `Engine` and the standard extensions, shared by every runner.
+
+Extensions (ignite event handlers), in the order they fire:
+    load on start        the newest whole checkpoint, if the run folder has one
+    seeding, schedule    before each step: model randomness re-seeded from (seed, iteration);
+                         the learning rate as a pure function of the iteration
+    checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
+                         at each epoch end and at the end; the two newest are kept
+    validation, log      at each epoch end, then the best model by validation accuracy
+    stop on signal       SIGTERM/SIGINT/SIGUSR1/SIGUSR2: checkpoint after this step, exit 128 + N
+    progress             a tqdm bar on a terminal, one line per epoch otherwise
+    finish               after `n_epochs`
+
+Exact resume: the stream restarts at (epoch, batch) from the loop counters; everything else with
+state (weights, optimizer, counters, this epoch's running sums, the log) is in the checkpoint.
+"""
+import datetime
+import logging
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from src.checkpoint import (
+    AtomicDiskSaver,
+    CorruptCheckpoint,
+    checkpoint_iteration,
+    list_checkpoints,
+    load_newest,
+    save_tensors,
+)
+from src.data import derive_seed, get_cifar
+from src.errors import RunError
+from src.evaluation import evaluate
+from src.hardware import autocast, choose_device, choose_precision
+from src.run_folder import BEST_MODEL, RunFolder
+from src.signals import StopRequests
+
+SEED_MODEL = 3
+CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
+# ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
+logging.getLogger("ignite").addHandler(logging.NullHandler())
+
+
+def learning_rate(config, iteration, total_iterations):
+    """The schedule as a pure function of the 1-based iteration: no state to save, exact on resume."""
+    done = (iteration - 1) / total_iterations
+    if config["lr_schedule"] == "cosine":
+        return config["lr"] * 0.5 * (1 + math.cos(math.pi * done))
+    if config["lr_schedule"] == "linear":
+        return config["lr"] * (1 - done)
+    return config["lr"]
+
+
+class Progress:
+    """What the loop accumulates: the per-epoch log, the running sums of the epoch in progress, the best score.
+
+    The sums stay on the device (no host sync per step) and go into checkpoints, so an epoch
+    resumed mid-way reports the same training loss as one never interrupted.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.log = []
+        self.best_valid_acc = None
+        self.start_epoch(fresh=True)
+
+    def start_epoch(self, fresh):
+        if fresh:
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            self.count = 0
+            self.seconds_before = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss, logits, labels):
+        self.loss_sum += loss.detach().double() * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.count += len(labels)
+
+    def train_seconds(self):
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state_dict(self):
+        return {"log": self.log, "best_valid_acc": self.best_valid_acc, "loss_sum": self.loss_sum.cpu(),
+                "correct": self.correct.cpu(), "count": self.count, "seconds_before": self.train_seconds()}
+
+    def load_state_dict(self, state):
+        self.log = list(state["log"])
+        self.best_valid_acc = state["best_valid_acc"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.count = state["count"]
+        self.seconds_before = state["seconds_before"]
+
+
+class EpochData:
+    """What the Engine iterates: each `iter()` starts the stream where the loop counters say.
+
+    ignite, resumed mid-epoch, re-iterates its data from the start and only shortens the epoch;
+    this makes the data start at the right batch instead.
+    """
+
+    def __init__(self, stream, trainer):
+        self.stream, self.trainer = stream, trainer
+
+    def __len__(self):
+        return len(self.stream)
+
+    def __iter__(self):
+        state = self.trainer.state
+        return self.stream.epoch(state.epoch, start_batch=state.iteration % len(self.stream))
+
+
+def run_main_loop(config, save_path, build_model):
+    """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code."""
+    stops = StopRequests().install()
+    folder = RunFolder(save_path).open()
+    try:
+        folder.reconcile_config(config)
+        status = folder.read_status()
+        if status and status["epochs_done"] >= config["n_epochs"]:
+            return say_finished(save_path, status["epochs_done"])
+        folder.copy_output()
+        device = choose_device(config["device"])
+        precision = choose_precision(config["precision"], device)
+        folder.record_session(device, precision)
+        stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
+                                  device, config["valid_size"], config["n_examples"], config["label_mode"])
+        model = build_model(config)
+        model[0].set_statistics(stream.mean, stream.std)
+        channels_last = device.type == "cuda" or precision == "bf16"
+        model[0].channels_last = channels_last
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                    weight_decay=config["weight_decay"])
+        loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops)
+        return loop.run()
+    finally:
+        folder.close()
+
+
+def say_finished(save_path, epochs_done):
+    print(f"{save_path} is already finished ({epochs_done} epochs); nothing to do. "
+          "Raise --n_epochs to train further.")
+    return 0
+
+
+class MainLoop:
+    def __init__(self, config, folder, model, optimizer, stream, valid, device, precision, stops):
+        self.config, self.folder, self.model, self.optimizer = config, folder, model, optimizer
+        self.stream, self.valid, self.device, self.precision, self.stops = stream, valid, device, precision, stops
+        self.trainer = Engine(self.step)
+        self.progress = Progress(device)
+        self.checkpointer = Checkpoint(
+            {"model": model, "optimizer": optimizer, "trainer": self.trainer, "progress": self.progress},
+            AtomicDiskSaver(folder.checkpoints), filename_prefix="", n_saved=2,
+            global_step_transform=lambda engine, event: engine.state.iteration)
+        self.saved_at = None  # (iteration, log rows) of the newest checkpoint
+        self.last_save_time = time.monotonic()
+        self.bar = None
+        self.attach_extensions()
+
+    @property
+    def total_iterations(self):
+        return self.config["n_epochs"] * len(self.stream)
+
+    def step(self, engine, batch):
+        images, labels = batch
+        with autocast(self.device, self.precision):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.progress.add(loss, logits, labels)
+
+    def attach_extensions(self):
+        t = self.trainer
+        t.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
+        t.add_event_handler(Events.ITERATION_STARTED, self.before_step)
+        n = self.config["checkpoint_every_n_batches"]
+        if n > 0:
+            t.add_event_handler(Events.ITERATION_COMPLETED(every=n), self.save_mid_epoch)
+        if self.config["checkpoint_every_seconds"] > 0:
+            t.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
+        t.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_asked, mid_epoch=True)
+        t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
+        t.add_event_handler(Events.EPOCH_COMPLETED, self.stop_if_asked, mid_epoch=False)
+        t.add_event_handler(Events.COMPLETED, self.save)
+        if sys.stdout.isatty():
+            from ignite.handlers import ProgressBar
+
+            self.bar = ProgressBar(persist=False)
+            self.bar.attach(t)
+
+    def run(self):
+        self.resume()
+        if self.trainer.state.iteration >= self.total_iterations:
+            return say_finished(self.folder.path, len(self.progress.log))
+        self.stops.in_loop = True
+        self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])
+        self.stops.in_loop = False
+        if self.stops.requested:
+            print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
+                  "rerun the same command to resume", file=sys.stderr)
+            return self.stops.exit_code
+        self.say(f"finished {self.config['n_epochs']} epochs in {self.folder.path}")
+        return 0
+
+    def resume(self):
+        """Load the newest whole checkpoint into everything that has state; False when starting afresh."""
+        try:
+            found = load_newest(self.folder.checkpoints, CHECKPOINT_KEYS, warn=self.say, set_aside=True)
+        except CorruptCheckpoint as e:
+            raise RunError(str(e)) from None
+        if found is None:
+            return False
+        path, contents = found
+        saved_length = contents["trainer"]["epoch_length"]
+        if saved_length != len(self.stream):
+            raise RunError(f"{path} was made with {saved_length} batches per epoch, the data now gives "
+                           f"{len(self.stream)}: the data set changed; use a new SAVE_PATH")
+        epochs_in_checkpoint = contents["trainer"]["iteration"] // saved_length
+        contents["trainer"]["max_epochs"] = max(self.config["n_epochs"], epochs_in_checkpoint)
+        Checkpoint.load_objects(self.checkpointer.to_save, contents)
+        # Tell ignite which files it saved before, so it keeps deleting all but the two newest.
+        kept = [(checkpoint_iteration(p), p.name) for p in reversed(list_checkpoints(self.folder.checkpoints)[:2])]
+        self.checkpointer.load_state_dict({"_saved": kept})
+        self.saved_at = (self.trainer.state.iteration, len(self.progress.log))
+        self.say(f"resuming from {path} (epoch {len(self.progress.log)}, iteration {self.trainer.state.iteration})")
+        return True
+
+    # --- extensions -------------------------------------------------------------------------
+
+    def start_epoch(self, engine):
+        self.progress.start_epoch(fresh=engine.state.iteration % len(self.stream) == 0)
+
+    def before_step(self, engine):
+        iteration = engine.state.iteration
+        torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration))
+        lr = learning_rate(self.config, iteration, self.total_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def at_epoch_end(self, engine):
+        return engine.state.iteration % len(self.stream) == 0
+
+    def save_mid_epoch(self, engine):
+        """Checkpoints at an epoch's last step wait for EPOCH_COMPLETED, so they hold that epoch's log row."""
+        if not self.at_epoch_end(engine):
+            self.save(engine)
+
+    def save_if_due(self, engine):
+        if time.monotonic() - self.last_save_time >= self.config["checkpoint_every_seconds"]:
+            self.save_mid_epoch(engine)
+
+    def stop_if_asked(self, engine, mid_epoch):
+        if self.stops.requested and not (mid_epoch and self.at_epoch_end(engine)):
+            self.save(engine)
+            engine.terminate(skip_completed=True)
+
+    def save(self, engine):
+        here = (engine.state.iteration, len(self.progress.log))
+        if self.saved_at == here:
+            return
+        if not torch.isfinite(self.progress.loss_sum):
+            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none yet"
+            raise RunError(f"the training loss became NaN or infinite before iteration {engine.state.iteration}; "
+                           f"nothing was saved after it (last checkpoint: {last}); try a lower --lr")
+        self.checkpointer(engine)
+        self.folder.write_progress(self.progress.log, self.status())
+        self.saved_at = here
+        self.last_save_time = time.monotonic()
+
+    def status(self):
+        iteration = self.trainer.state.iteration
+        return {
+            "epochs_done": len(self.progress.log),
+            "iterations_done": iteration,
+            "n_epochs": self.config["n_epochs"],
+            "batches_per_epoch": len(self.stream),
+            "finished": iteration >= self.total_iterations,
+            "best_valid_acc": self.progress.best_valid_acc,
+            "last_checkpoint": f"checkpoint_{iteration}.pt",
+            "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+
+    def end_epoch(self, engine):
+        p = self.progress
+        train_loss = p.loss_sum.item() / p.count  # the one host sync of the epoch
+        train_acc = p.correct.item() / p.count
+        train_seconds = p.train_seconds()
+        valid_started = time.perf_counter()
+        valid_loss = valid_acc = None
+        if len(self.valid[0]):
+            valid_loss, valid_acc, _ = evaluate(self.model, *self.valid, self.device, self.precision,
+                                                batch_size=4 * self.config["batch_size"])
+        row = {
+            "epoch": len(p.log) + 1,
+            "iteration": engine.state.iteration,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "valid_loss": valid_loss,
+            "valid_acc": valid_acc,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
+            "images_per_second": p.count / train_seconds,
+        }
+        p.log.append(row)
+        if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
+            p.best_valid_acc = valid_acc
+            save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
+        self.say(format_row(row, self.config["n_epochs"]))
+        self.save(engine)
+
+    def say(self, line):
+        if self.bar is not None:
+            self.bar.log_message(line)
+        else:
+            print(line, flush=True)
+
+
+def format_row(row, n_epochs):
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    return (f"epoch {row['epoch']}/{n_epochs}  iter {row['iteration']}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  "
+            f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f} s  {row['images_per_second']:.0f} img/s")

@@ -1,0 +1,26 @@
+"""Train the simple CNN: python src/scripts/train_simple_CNN.py CONFIG SAVE_PATH [--key=value ...]
+
+Rerunning the same command resumes the run; rerunning a finished run does nothing.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+
+from configs.simple_cnn import simple_cnn_configs, validate  # noqa: E402
+from src.cli import dispatch_with_overrides  # noqa: E402
+from src.errors import UsageError  # noqa: E402
+
+
+def train(config, save_path):
+    problems = validate(config)
+    if problems:
+        raise UsageError("; ".join(problems))
+    from src.main_loop import run_main_loop
+    from src.models import build_simple_cnn
+
+    return run_main_loop(config, save_path, build_simple_cnn)
+
+
+if __name__ == "__main__":
+    dispatch_with_overrides(train, simple_cnn_configs, description=__doc__)

@@ -1,0 +1,42 @@
+"""Turn SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into 'checkpoint, then exit with 128 + N'.
+
+The first signal only raises a flag that the main loop checks after each step, so the step in
+flight finishes and a checkpoint is written. Outside the loop (start-up) there is nothing to save,
+so we exit at once. A second signal exits at once too: every file is written atomically, so
+nothing already saved can be damaged by it.
+"""
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopRequests:
+    def __init__(self):
+        self.signal_number = None
+        self.in_loop = False
+
+    def install(self):
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        name = signal.Signals(number).name
+        if self.signal_number is not None or not self.in_loop:
+            sys.stderr.write(f"\n{name}: exiting now\n")
+            sys.stderr.flush()
+            os._exit(128 + number)
+        self.signal_number = number
+        sys.stderr.write(f"\n{name}: finishing this step and writing a checkpoint, then exiting "
+                         "(send it again to exit at once)\n")
+        sys.stderr.flush()
+
+    @property
+    def requested(self):
+        return self.signal_number is not None
+
+    @property
+    def exit_code(self):
+        return 128 + self.signal_number
