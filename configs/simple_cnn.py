@@ -60,7 +60,7 @@ def validate(config):
     if config["n_layers"] > 5:
         problems.append(f"--n_layers must be at most 5 (each block halves the 32x32 image), not {config['n_layers']}")
     for key in ("lr", "momentum", "weight_decay", "checkpoint_every_seconds"):
-        if config[key] < 0:
+        if not config[key] >= 0:  # also catches nan
             problems.append(f"--{key} must not be negative, not {config[key]}")
     if config["checkpoint_every_n_batches"] < 0:
         problems.append("--checkpoint_every_n_batches must not be negative")

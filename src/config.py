@@ -31,6 +31,7 @@ class ConfigRegistry:
         """Register `name` as the root with `changes`; their keys and types are checked here too."""
         config = self.root
         for key, value in changes.items():
+            check_known_key(key, config, where=f"config '{name}': ")
             config[key] = check_value(key, value, config)
         self._configs[name] = config
 

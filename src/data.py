@@ -81,7 +81,7 @@ def _load_cached(which, spec, data_dir):
     if folder.is_dir() and (source is None or source.stat().st_mtime <= folder.stat().st_mtime):
         try:
             return {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             pass  # an incomplete or damaged cache is rebuilt from the source
     if source is None:
         from src.download import download_archive
@@ -89,9 +89,8 @@ def _load_cached(which, spec, data_dir):
         source = download_archive(spec["archive"], data_dir)
     arrays = _decode(spec, source)
     folder.mkdir(exist_ok=True)
-    for name in names:
+    for name in names:  # each write renames into the folder, which dates the cache after its source
         atomic_write(folder / f"{name}.npy", lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
-    os.utime(folder)  # the folder's time marks the cache as newer than its source
     return arrays
 
 

@@ -40,7 +40,7 @@ from src.hardware import autocast, choose_device, choose_precision
 from src.run_folder import BEST_MODEL, RunFolder
 from src.signals import StopRequests
 
-SEED_MODEL = 3
+SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
@@ -121,16 +121,18 @@ def run_main_loop(config, save_path, build_model):
     stops = StopRequests().install()
     folder = RunFolder(save_path).open()
     try:
-        folder.reconcile_config(config)
+        folder.check_config(config)
         status = folder.read_status()
         if status and status["epochs_done"] >= config["n_epochs"]:
             return say_finished(save_path, status["epochs_done"])
+        folder.save_config(config)
         folder.copy_output()
         device = choose_device(config["device"])
         precision = choose_precision(config["precision"], device)
         folder.record_session(device, precision)
         stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
                                   device, config["valid_size"], config["n_examples"], config["label_mode"])
+        torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
         model = build_model(config)
         model[0].set_statistics(stream.mean, stream.std)
         channels_last = device.type == "cuda" or precision == "bf16"

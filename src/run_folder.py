@@ -46,8 +46,8 @@ class RunFolder:
     def close(self):
         self._lock.release()
 
-    def reconcile_config(self, config):
-        """Save `config`, or check it against the saved one: resuming with other settings would mix two runs."""
+    def check_config(self, config):
+        """Refuse a config that differs from the saved one: resuming with other settings would mix two runs."""
         saved_path = self.path / CONFIG
         if saved_path.exists():
             saved = read_json(saved_path)
@@ -58,7 +58,9 @@ class RunFolder:
                     f"{self.path} holds a run with a different config ({details}); "
                     "use a new SAVE_PATH, or the same settings to resume"
                 )
-        write_json(saved_path, config)
+
+    def save_config(self, config):
+        write_json(self.path / CONFIG, config)
 
     def read_status(self):
         try:

@@ -1,0 +1,263 @@
+"""End to end through the real command line, on tiny CIFAR-format data."""
+import json
+import os
+import pickle
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import EVALUATE_SCRIPT, TINY, TRAIN_SCRIPT, run_script, start_script
+from src.analysis import load_main_loop
+from src.checkpoint import list_checkpoints, load_tensors
+from src.files import RunFolderLock
+
+TIMING = ("epoch_seconds", "images_per_second")
+# Dropout on, so that exact resume also needs the per-iteration re-seeding; checkpoints every 4 batches
+# (15 batches per epoch) land mid-epoch.
+RESUMABLE = ["--n_epochs=3", "--dropout=0.5", "--checkpoint_every_n_batches=4", "--n_filters=8"]
+
+
+def final_state(run_dir):
+    """What must match bit for bit: weights, optimizer state, counters, log rows (minus timings)."""
+    contents = load_tensors(list_checkpoints(run_dir / "checkpoints")[0])
+    rows = [{k: v for k, v in row.items() if k not in TIMING} for row in contents["progress"]["log"]]
+    return contents, rows
+
+
+def assert_identical(run_a, run_b):
+    a, rows_a = final_state(run_a)
+    b, rows_b = final_state(run_b)
+    assert rows_a == rows_b
+    assert a["trainer"] == b["trainer"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
+    assert (run_a / "log.jsonl").read_text().count("\n") == (run_b / "log.jsonl").read_text().count("\n")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+    """An uninterrupted run with the RESUMABLE settings, to compare interrupted ones with."""
+    path = tmp_path_factory.mktemp("reference") / "run"
+    result = run_script(TRAIN_SCRIPT, "cifar10", path, *TINY, *RESUMABLE, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def wait_for_mid_epoch_checkpoint(process, run_dir, after_iteration=0, timeout=120):
+    """Block until a checkpoint beyond `after_iteration` that is not at an epoch end exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in list_checkpoints(run_dir / "checkpoints"):
+            iteration = int(path.stem.split("_")[1])
+            if iteration > after_iteration and iteration % 15:
+                return iteration
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.002)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_two_epoch_run_fills_the_run_folder(train, tmp_path):
+    run = tmp_path / "run"
+    result = train(run)
+    assert result.returncode == 0, result.stderr
+    assert "finished 2 epochs" in result.stdout
+    for name in ("config.json", "meta.json", "log.jsonl", "status.json", "best_model.pt", "stdout.log", "stderr.log"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["iteration"] for r in rows] == [15, 30]
+    for row in rows:
+        assert set(row) == {"epoch", "iteration", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr",
+                            "epoch_seconds", "images_per_second"}
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["valid_acc"] <= 1 and row["images_per_second"] > 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["finished"] and status["epochs_done"] == 2 and status["iterations_done"] == 30
+    meta = json.loads((run / "meta.json").read_text())
+    for key in ("command", "git_commit", "host", "python", "torch", "device", "start_time", "sessions"):
+        assert key in meta, key
+    assert "train_simple_CNN.py" in meta["command"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["n_filters"] == 4 and config["dataset"] == "cifar10"
+    assert "epoch 2/2" in (run / "stdout.log").read_text()
+    assert len(list_checkpoints(run / "checkpoints")) == 2  # the two newest are kept
+
+    again = train(run)
+    assert again.returncode == 0
+    assert "already finished" in again.stdout
+    assert (run / "log.jsonl").read_text().count("\n") == 2
+
+
+def test_training_learns_the_learnable_data(train, tmp_path):
+    result = train(tmp_path / "run", "--n_epochs=8", "--n_filters=8")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["valid_acc"] > 0.25  # 10 classes: chance is 0.1
+
+
+def test_kill_9_mid_epoch_then_rerun_is_bit_identical(reference_run, data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE]
+    process = start_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    killed_after = wait_for_mid_epoch_checkpoint(process, run, after_iteration=15)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    resumed = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert killed_after < 45
+    assert_identical(reference_run, run)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_then_exits_128_plus_n_and_resumes_exactly(reference_run, data_dir, tmp_path,
+                                                                      signal_number):
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE]
+    process = start_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    wait_for_mid_epoch_checkpoint(process, run)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal_number, stderr
+    assert "Traceback" not in stderr
+    assert "rerun the same command to resume" in stderr
+    status = json.loads((run / "status.json").read_text())
+    assert not status["finished"]
+    assert list_checkpoints(run / "checkpoints")[0].name == status["last_checkpoint"]
+    resumed = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(reference_run, run)
+
+
+def test_changed_config_is_refused_and_n_epochs_may_grow(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run).returncode == 0
+    before = (run / "log.jsonl").read_text()
+    refused = train(run, "--lr=0.2", "--seed=5")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert "lr: 0.05 -> 0.2" in refused.stderr and "seed: 1 -> 5" in refused.stderr
+    assert (run / "log.jsonl").read_text() == before
+
+    extended = train(run, "--n_epochs=3")
+    assert extended.returncode == 0, extended.stderr
+    rows = (run / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and "\n".join(rows[:2]) + "\n" == before
+    assert json.loads((run / "config.json").read_text())["n_epochs"] == 3
+    lowered = train(run, "--n_epochs=1")
+    assert lowered.returncode == 0 and "already finished" in lowered.stdout
+    assert json.loads((run / "config.json").read_text())["n_epochs"] == 3  # what was trained, not the request
+
+
+def test_a_second_process_on_the_run_folder_is_refused(train, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunFolderLock(run).acquire()
+    try:
+        result = train(run)
+    finally:
+        lock.release()
+    assert result.returncode == 1
+    assert f"in use by process {os.getpid()}" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert train(run).returncode == 0  # free again once the holder lets go
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--checkpoint_every_n_batches=4").returncode == 0
+    newest, previous = list_checkpoints(run / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    result = train(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert f"{newest} is corrupt" in result.stdout
+    assert f"resuming from {previous}" in result.stdout
+    assert (run / "checkpoints" / (newest.name + ".corrupt")).exists()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_no_whole_checkpoint_refuses_to_start_over(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--checkpoint_every_n_batches=4").returncode == 0
+    for path in list_checkpoints(run / "checkpoints"):
+        path.write_bytes(b"garbage")
+    result = train(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
+    assert result.returncode == 1
+    assert "no whole checkpoint" in result.stderr and result.stderr.count("\n") == 1
+    assert len(list_checkpoints(run / "checkpoints")) == 2  # nothing was moved or deleted
+
+
+def test_a_planted_pickle_never_runs(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run).returncode == 0
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    newest = list_checkpoints(run / "checkpoints")[0]
+    newest.write_bytes(pickle.dumps({"model": Exploit()}))
+    with pytest.raises(Exception, match="corrupt"):
+        load_tensors(newest)
+    load_main_loop(run)  # falls back to the previous checkpoint
+    result = train(run, "--n_epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert "is corrupt" in result.stdout
+    assert not marker.exists()
+
+
+def test_load_main_loop_and_evaluate(train, data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(run).returncode == 0
+    ml = load_main_loop(run)
+    assert ml.config["n_filters"] == 4
+    assert list(ml.log["epoch"]) == [1, 2] and "valid_acc" in ml.log.columns
+    assert ml.status["epochs_done"] == 2 and ml.status["iterations_done"] == 30 and ml.status["finished"]
+    assert not ml.model.training
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert ml.model(images).shape == (5, 10)
+    best = ml.load_best_model()
+    assert best is not None and not best.training
+
+    result = run_script(EVALUATE_SCRIPT, run, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((run / "eval_test.json").read_text())
+    assert saved["n_test"] == 100
+    assert 0 <= saved["last_test_acc"] <= 1 and saved["last_test_loss"] > 0
+    assert f"test accuracy {saved['last_test_acc']:.4f}" in result.stdout
+
+
+def test_evaluate_refuses_unfinished_runs_unless_asked(train, data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--n_epochs=1").returncode == 0
+    (run / "status.json").write_text(json.dumps({**json.loads((run / "status.json").read_text()),
+                                                  "finished": False}))
+    refused = run_script(EVALUATE_SCRIPT, run, data_dir=data_dir)
+    assert refused.returncode == 2 and "unfinished" in refused.stderr
+    allowed = run_script(EVALUATE_SCRIPT, run, "--allow_unfinished", data_dir=data_dir)
+    assert allowed.returncode == 0, allowed.stderr
+    missing = run_script(EVALUATE_SCRIPT, tmp_path / "nothing", data_dir=data_dir)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+def test_cifar100_coarse_labels(train, tmp_path):
+    run = tmp_path / "run"
+    result = train(run, "--n_epochs=1", config="cifar100_coarse")
+    assert result.returncode == 0, result.stderr
+    ml = load_main_loop(run)
+    assert ml.model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 20)
+
+
+def test_corrupt_data_is_one_line_exit_1(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not an archive")
+    result = run_script(TRAIN_SCRIPT, "cifar10", tmp_path / "run", *TINY, data_dir=tmp_path)
+    assert result.returncode == 1
+    assert "cifar-10-python.tar.gz is corrupt" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
