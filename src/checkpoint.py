@@ -51,6 +51,8 @@ def load_tensors(path):
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise  # the disk or the machine failed, not the file: never set a checkpoint aside for that
     except Exception as e:  # torch raises many types for damaged files; all mean "not usable"
         raise CorruptCheckpoint(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 

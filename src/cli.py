@@ -34,6 +34,10 @@ def user_errors():
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a file-system problem the code did not foresee: still one line, naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def exit_codes(main):

@@ -4,16 +4,19 @@ The official files are Python-2 pickles; decoded arrays are cached beside them a
 later runs load in a fraction of a second. The stream keeps the data on the run's device and draws
 all its randomness from (seed, epoch, batch), so its position is its whole state.
 """
+import gzip
 import io
 import os
 import pickle
+import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from src.errors import RunError
-from src.files import atomic_write
+from src.files import atomic_write, read_json, write_json
 
 DATASETS = {
     "cifar10": {
@@ -35,6 +38,7 @@ DATASETS = {
 }
 IMAGE_SHAPE = (3, 32, 32)
 CACHE_VERSION = 1
+MANIFEST = "manifest.json"
 SEED_SPLIT, SEED_ORDER, SEED_AUGMENT = 0, 1, 2
 
 
@@ -76,11 +80,15 @@ def _cache_paths(which, data_dir):
 
 
 def _load_cached(which, spec, data_dir):
+    """The cache is used only if its manifest (written last) matches the source: never half old, half new."""
     folder, names = _cache_paths(which, data_dir)
     source = _find_source(spec, data_dir)
-    if folder.is_dir() and (source is None or source.stat().st_mtime <= folder.stat().st_mtime):
+    manifest = _read_manifest(folder)
+    if manifest is not None and (source is None or manifest["source"] == _identity(spec, source)):
         try:
-            return {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
+            arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
+            if _lengths(arrays) == manifest["lengths"]:
+                return arrays
         except (OSError, ValueError, EOFError):
             pass  # an incomplete or damaged cache is rebuilt from the source
     if source is None:
@@ -88,10 +96,33 @@ def _load_cached(which, spec, data_dir):
 
         source = download_archive(spec["archive"], data_dir)
     arrays = _decode(spec, source)
-    folder.mkdir(exist_ok=True)
-    for name in names:  # each write renames into the folder, which dates the cache after its source
-        atomic_write(folder / f"{name}.npy", lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
+    try:
+        (folder / MANIFEST).unlink(missing_ok=True)
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            atomic_write(folder / f"{name}.npy", lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
+        write_json(folder / MANIFEST, {"source": _identity(spec, source), "lengths": _lengths(arrays)})
+    except OSError as e:  # a read-only shared data folder, say: train anyway, just without the cache
+        print(f"warning: cannot cache the decoded arrays in {folder} ({e.strerror or e}); "
+              "loading will be slower", file=sys.stderr)
     return arrays
+
+
+def _identity(spec, source):
+    """Names, sizes and modification times of the source files: a changed source invalidates the cache."""
+    files = [source / name for name in spec["train"] + spec["test"]] if source.is_dir() else [source]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+def _lengths(arrays):
+    return {name: len(array) for name, array in arrays.items()}
+
+
+def _read_manifest(folder):
+    try:
+        return read_json(folder / MANIFEST)
+    except (OSError, ValueError):
+        return None
 
 
 def _find_source(spec, data_dir):
@@ -103,9 +134,11 @@ def _find_source(spec, data_dir):
 
 def _decode(spec, source):
     if source.is_dir():
-        read = lambda name: (source / name).read_bytes()  # noqa: E731
-        return _decode_batches(spec, read, lambda name: source / name)
+        return _decode_batches(spec, lambda name: _read_file(source / name), lambda name: source / name)
     try:
+        with gzip.open(source) as stream:  # read to the end once, so gzip checks its CRC over every byte
+            while stream.read(1 << 24):
+                pass
         with tarfile.open(source, "r:gz") as archive:
             members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
 
@@ -115,8 +148,17 @@ def _decode(spec, source):
                 return archive.extractfile(members[name]).read()
 
             return _decode_batches(spec, read, lambda name: f"{source}:{spec['folder']}/{name}")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise RunError(f"{source} is corrupt or truncated ({e}); delete it and download it again") from None
+
+
+def _read_file(path):
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror or e})") from None
 
 
 def _decode_batches(spec, read, describe):

@@ -1,12 +1,13 @@
 """Fetch an official CIFAR archive: progress bar, MD5 check, nothing partial left behind."""
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from src.errors import RunError
-from src.files import atomic_write
+from src.files import TMP_PREFIX, atomic_write
 
 DEFAULT_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 BASE_URL_VARIABLE = "CIFAR_BASE_URL"  # a mirror, or a test server on 127.0.0.1
@@ -48,9 +49,11 @@ def download_archive(name, data_dir):
                 f"nothing was saved; {by_hand}"
             )
 
+    for stale in data_dir.glob(f"{TMP_PREFIX}{name}.*"):  # left by a download killed mid-way
+        stale.unlink(missing_ok=True)
     try:
         atomic_write(target, fetch)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise RunError(f"could not download {url} ({reason}); {by_hand}") from None
     return target

@@ -14,6 +14,7 @@ Extensions (ignite event handlers), in the order they fire:
 Exact resume: the stream restarts at (epoch, batch) from the loop counters; everything else with
 state (weights, optimizer, counters, this epoch's running sums, the log) is in the checkpoint.
 """
+import contextlib
 import datetime
 import logging
 import math
@@ -42,6 +43,7 @@ from src.signals import StopRequests
 
 SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
+NAN_CHECK_EVERY = 50  # iterations between reads of the NaN flag (one host sync each)
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
 
@@ -67,6 +69,7 @@ class Progress:
         self.device = device
         self.log = []
         self.best_valid_acc = None
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.start_epoch(fresh=True)
 
     def start_epoch(self, fresh):
@@ -77,8 +80,11 @@ class Progress:
             self.seconds_before = 0.0
         self.started = time.perf_counter()
 
-    def add(self, loss, logits, labels):
-        self.loss_sum += loss.detach().double() * len(labels)
+    def add(self, loss, logits, labels, iteration):
+        loss = loss.detach()
+        # The first iteration whose loss was NaN or inf, recorded on the device: no host sync per step.
+        self.first_bad.copy_(torch.where((self.first_bad == 0) & ~torch.isfinite(loss), iteration, self.first_bad))
+        self.loss_sum += loss.double() * len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.count += len(labels)
 
@@ -146,6 +152,17 @@ def run_main_loop(config, save_path, build_model):
         folder.close()
 
 
+@contextlib.contextmanager
+def disk_errors_stop_training(folder):
+    """A checkpoint that cannot be written stops the run: training on without saving would risk the work."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or folder
+        raise RunError(f"cannot write {where} ({e.strerror or e}); training stopped, the previous checkpoint "
+                       "is kept; free some space (or fix the folder) and rerun the same command to resume") from None
+
+
 def say_finished(save_path, epochs_done):
     print(f"{save_path} is already finished ({epochs_done} epochs); nothing to do. "
           "Raise --n_epochs to train further.")
@@ -179,7 +196,7 @@ class MainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.progress.add(loss, logits, labels)
+        self.progress.add(loss, logits, labels, engine.state.iteration)
 
     def attach_extensions(self):
         t = self.trainer
@@ -190,6 +207,7 @@ class MainLoop:
             t.add_event_handler(Events.ITERATION_COMPLETED(every=n), self.save_mid_epoch)
         if self.config["checkpoint_every_seconds"] > 0:
             t.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
+        t.add_event_handler(Events.ITERATION_COMPLETED(every=NAN_CHECK_EVERY), self.check_loss_now_and_then)
         t.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_asked, mid_epoch=True)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.stop_if_asked, mid_epoch=False)
@@ -207,7 +225,7 @@ class MainLoop:
         self.stops.in_loop = True
         self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])
         self.stops.in_loop = False
-        if self.stops.requested:
+        if self.stops.requested and self.trainer.state.iteration < self.total_iterations:
             print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
                   "rerun the same command to resume", file=sys.stderr)
             return self.stops.exit_code
@@ -229,11 +247,18 @@ class MainLoop:
                            f"{len(self.stream)}: the data set changed; use a new SAVE_PATH")
         epochs_in_checkpoint = contents["trainer"]["iteration"] // saved_length
         contents["trainer"]["max_epochs"] = max(self.config["n_epochs"], epochs_in_checkpoint)
-        Checkpoint.load_objects(self.checkpointer.to_save, contents)
+        try:
+            Checkpoint.load_objects(self.checkpointer.to_save, contents)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise RunError(f"{path} does not fit this code's model or optimizer ({str(e).splitlines()[0][:150]}); "
+                           "resume with the code that started the run, or use a new SAVE_PATH") from None
         # Tell ignite which files it saved before, so it keeps deleting all but the two newest.
         kept = [(checkpoint_iteration(p), p.name) for p in reversed(list_checkpoints(self.folder.checkpoints)[:2])]
         self.checkpointer.load_state_dict({"_saved": kept})
         self.saved_at = (self.trainer.state.iteration, len(self.progress.log))
+        # A kill between a checkpoint and its log.jsonl/status.json leaves those behind: rebuild them.
+        with disk_errors_stop_training(self.folder.path):
+            self.folder.write_progress(self.progress.log, self.status())
         self.say(f"resuming from {path} (epoch {len(self.progress.log)}, iteration {self.trainer.state.iteration})")
         return True
 
@@ -270,14 +295,31 @@ class MainLoop:
         here = (engine.state.iteration, len(self.progress.log))
         if self.saved_at == here:
             return
-        if not torch.isfinite(self.progress.loss_sum):
-            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none yet"
-            raise RunError(f"the training loss became NaN or infinite before iteration {engine.state.iteration}; "
-                           f"nothing was saved after it (last checkpoint: {last}); try a lower --lr")
-        self.checkpointer(engine)
-        self.folder.write_progress(self.progress.log, self.status())
+        self.stop_if_loss_not_finite()
+        self.stop_if_weights_not_finite(engine.state.iteration)
+        with disk_errors_stop_training(self.folder.path):
+            self.checkpointer(engine)
+            self.folder.write_progress(self.progress.log, self.status())
         self.saved_at = here
         self.last_save_time = time.monotonic()
+
+    def stop_if_loss_not_finite(self):
+        """Never checkpoint weights that a NaN or inf loss has reached; keep the last good checkpoint."""
+        bad = int(self.progress.first_bad)
+        if bad:
+            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none"
+            raise RunError(f"the training loss became NaN or infinite at iteration {bad}; stopped without saving "
+                           f"anything after it (last checkpoint: {last}); start a new SAVE_PATH with a lower --lr")
+
+    def stop_if_weights_not_finite(self, iteration):
+        """A step can push weights to inf while its own loss was still finite: check before saving them."""
+        if not torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all():
+            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none"
+            raise RunError(f"the weights became NaN or infinite at iteration {iteration}; stopped without saving "
+                           f"them (last checkpoint: {last}); start a new SAVE_PATH with a lower --lr")
+
+    def check_loss_now_and_then(self, engine):
+        self.stop_if_loss_not_finite()
 
     def status(self):
         iteration = self.trainer.state.iteration
@@ -294,6 +336,8 @@ class MainLoop:
 
     def end_epoch(self, engine):
         p = self.progress
+        self.stop_if_loss_not_finite()
+        self.stop_if_weights_not_finite(engine.state.iteration)  # before they can become the best model
         train_loss = p.loss_sum.item() / p.count  # the one host sync of the epoch
         train_acc = p.correct.item() / p.count
         train_seconds = p.train_seconds()
@@ -316,7 +360,8 @@ class MainLoop:
         p.log.append(row)
         if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
             p.best_valid_acc = valid_acc
-            save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
+            with disk_errors_stop_training(self.folder.path):
+                save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
         self.save(engine)
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from src.config import diff_keys
-from src.errors import UsageError
+from src.errors import RunError, UsageError
 from src.files import RunFolderLock, atomic_write, read_json, remove_stale_temporaries, write_json
 
 CONFIG, META, LOG, STATUS = "config.json", "meta.json", "log.jsonl", "status.json"
@@ -36,9 +36,12 @@ class RunFolder:
 
     def open(self):
         """Create the folder and take it for this process (exit 1 if another one has it)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
-        self.checkpoints.mkdir(exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+            self.checkpoints.mkdir(exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot use {self.path} as a run folder ({e.strerror or e})") from None
         remove_stale_temporaries(self.path)
         remove_stale_temporaries(self.checkpoints)
         return self
@@ -50,7 +53,10 @@ class RunFolder:
         """Refuse a config that differs from the saved one: resuming with other settings would mix two runs."""
         saved_path = self.path / CONFIG
         if saved_path.exists():
-            saved = read_json(saved_path)
+            try:
+                saved = read_json(saved_path)
+            except ValueError:
+                raise RunError(f"{saved_path} is damaged (not valid JSON); fix or remove it") from None
             changed = [k for k in diff_keys(saved, config) if k not in RESUMABLE_CHANGES]
             if changed:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
@@ -93,7 +99,13 @@ class RunFolder:
             "pid": os.getpid(),
         }
         meta_path = self.path / META
-        previous = read_json(meta_path).get("sessions", []) if meta_path.exists() else []
+        try:
+            previous = read_json(meta_path).get("sessions", []) if meta_path.exists() else []
+        except ValueError:
+            previous = []  # a damaged history is not worth stopping a run for
+        if previous and (previous[-1]["device"], previous[-1]["precision"]) != (session["device"], precision):
+            print(f"warning: this run was on {previous[-1]['device']} ({previous[-1]['precision']}) and goes on "
+                  f"on {session['device']} ({precision}); it will not match an uninterrupted run bit for bit")
         write_json(meta_path, {**session, "sessions": previous + [session]})
 
     def copy_output(self):
@@ -124,12 +136,18 @@ class Tee:
 
     def write(self, text):
         self.stream.write(text)
-        self.file.write(text)
+        try:
+            self.file.write(text)
+        except OSError:
+            pass  # a full disk must not turn a print into a crash; the checkpoint writes report it
         return len(text)
 
     def flush(self):
         self.stream.flush()
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError:
+            pass
 
     def isatty(self):
         return self.stream.isatty()

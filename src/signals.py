@@ -7,9 +7,16 @@ nothing already saved can be damaged by it.
 """
 import os
 import signal
-import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _say(text):
+    """Straight to file descriptor 2: a handler that used sys.stderr could re-enter a write in progress."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 class StopRequests:
@@ -25,13 +32,10 @@ class StopRequests:
     def _handle(self, number, frame):
         name = signal.Signals(number).name
         if self.signal_number is not None or not self.in_loop:
-            sys.stderr.write(f"\n{name}: exiting now\n")
-            sys.stderr.flush()
+            _say(f"\n{name}: exiting now\n")
             os._exit(128 + number)
         self.signal_number = number
-        sys.stderr.write(f"\n{name}: finishing this step and writing a checkpoint, then exiting "
-                         "(send it again to exit at once)\n")
-        sys.stderr.flush()
+        _say(f"\n{name}: finishing this step and writing a checkpoint, then exiting (send it again to exit at once)\n")
 
     @property
     def requested(self):

@@ -172,7 +172,7 @@ def test_cache_is_written_and_used_without_the_archive(tmp_path):
     cache = tmp_path / "cifar10-cache-v1"
     assert cache.is_dir()
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        ["x_train.npy", "x_test.npy", "y_train_fine.npy", "y_test_fine.npy"])
+        ["manifest.json", "x_train.npy", "x_test.npy", "y_train_fine.npy", "y_test_fine.npy"])
     archive.unlink()
     second = load_cifar("cifar10", tmp_path)  # no archive, no network: must come from the cache
     assert_loaded_equal(first, second)
@@ -189,6 +189,40 @@ def test_cache_is_rebuilt_when_the_source_is_newer(tmp_path):
     assert not np.array_equal(old[0][0], new[0][0])
     archive.unlink()
     assert_loaded_equal(new, load_cifar("cifar10", tmp_path))  # and the cache now holds the new data
+
+
+def test_cache_without_its_manifest_is_never_trusted(tmp_path):
+    """A rebuild stopped half-way (new x, old y) leaves no manifest: the next load rebuilds from the source."""
+    write_cifar("cifar10", tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=11)
+    load_cifar("cifar10", tmp_path)
+    write_cifar("cifar10", tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=12)
+    (tmp_path / "cifar10-cache-v1" / "manifest.json").unlink()
+    direct = load_cifar("cifar10", tmp_path)
+    fresh = tmp_path / "fresh"
+    write_cifar("cifar10", fresh, n_train=N_TRAIN, n_test=N_TEST, seed=12)
+    assert_loaded_equal(direct, load_cifar("cifar10", fresh))
+
+
+def test_replaced_source_with_the_same_time_invalidates_the_cache(tmp_path):
+    archive = write_cifar("cifar10", tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=11)
+    stamp = archive.stat().st_mtime_ns
+    old = load_cifar("cifar10", tmp_path)
+    write_cifar("cifar10", tmp_path, n_train=N_TRAIN + 10, n_test=N_TEST, seed=12)
+    os.utime(archive, ns=(stamp, stamp))  # as `cp -p` or `rsync -a` would leave it
+    new = load_cifar("cifar10", tmp_path)
+    assert len(new[0][0]) == N_TRAIN + 10 and len(old[0][0]) == N_TRAIN
+
+
+def test_read_only_data_dir_still_loads(tmp_path, monkeypatch, capsys):
+    write_cifar("cifar10", tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=11)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("src.data.atomic_write", refuse)
+    loaded = load_cifar("cifar10", tmp_path)
+    check_arrays(loaded, N_TRAIN, N_TEST, 10)
+    assert "cannot cache" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, keep", [("x_train", "half"), ("y_train_fine", "half"),

@@ -3,63 +3,23 @@ import json
 import os
 import pickle
 import signal
-import time
 
 import pytest
 import torch
 
-from conftest import EVALUATE_SCRIPT, TINY, TRAIN_SCRIPT, run_script, start_script
+from conftest import (
+    EVALUATE_SCRIPT,
+    RESUMABLE,
+    TINY,
+    TRAIN_SCRIPT,
+    assert_identical,
+    run_script,
+    start_script,
+    wait_for_mid_epoch_checkpoint,
+)
 from src.analysis import load_main_loop
 from src.checkpoint import list_checkpoints, load_tensors
 from src.files import RunFolderLock
-
-TIMING = ("epoch_seconds", "images_per_second")
-# Dropout on, so that exact resume also needs the per-iteration re-seeding; checkpoints every 4 batches
-# (15 batches per epoch) land mid-epoch.
-RESUMABLE = ["--n_epochs=3", "--dropout=0.5", "--checkpoint_every_n_batches=4", "--n_filters=8"]
-
-
-def final_state(run_dir):
-    """What must match bit for bit: weights, optimizer state, counters, log rows (minus timings)."""
-    contents = load_tensors(list_checkpoints(run_dir / "checkpoints")[0])
-    rows = [{k: v for k, v in row.items() if k not in TIMING} for row in contents["progress"]["log"]]
-    return contents, rows
-
-
-def assert_identical(run_a, run_b):
-    a, rows_a = final_state(run_a)
-    b, rows_b = final_state(run_b)
-    assert rows_a == rows_b
-    assert a["trainer"] == b["trainer"]
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
-    assert (run_a / "log.jsonl").read_text().count("\n") == (run_b / "log.jsonl").read_text().count("\n")
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-    """An uninterrupted run with the RESUMABLE settings, to compare interrupted ones with."""
-    path = tmp_path_factory.mktemp("reference") / "run"
-    result = run_script(TRAIN_SCRIPT, "cifar10", path, *TINY, *RESUMABLE, data_dir=data_dir)
-    assert result.returncode == 0, result.stderr
-    return path
-
-
-def wait_for_mid_epoch_checkpoint(process, run_dir, after_iteration=0, timeout=120):
-    """Block until a checkpoint beyond `after_iteration` that is not at an epoch end exists."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in list_checkpoints(run_dir / "checkpoints"):
-            iteration = int(path.stem.split("_")[1])
-            if iteration > after_iteration and iteration % 15:
-                return iteration
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.002)
-    raise AssertionError("no checkpoint appeared")
-
 
 def test_two_epoch_run_fills_the_run_folder(train, tmp_path):
     run = tmp_path / "run"
@@ -261,3 +221,17 @@ def test_corrupt_data_is_one_line_exit_1(tmp_path):
     assert result.returncode == 1
     assert "cifar-10-python.tar.gz is corrupt" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_log_and_status_lost_after_the_last_checkpoint_are_rebuilt(train, tmp_path):
+    """A kill between the final checkpoint and log.jsonl/status.json must not leave them stale for good."""
+    run = tmp_path / "run"
+    assert train(run).returncode == 0
+    full_log = (run / "log.jsonl").read_text()
+    (run / "log.jsonl").write_text(full_log.splitlines(keepends=True)[0])
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "epochs_done": 1, "finished": False}))
+    again = train(run)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert (run / "log.jsonl").read_text() == full_log
+    assert json.loads((run / "status.json").read_text())["finished"]

@@ -1,0 +1,145 @@
+"""Faults a run meets on a shared cluster: kills at any instant, signals, a full disk, a diverging loss."""
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    RESUMABLE,
+    TINY,
+    TRAIN_SCRIPT,
+    assert_identical,
+    run_script,
+    start_script,
+    wait_for_mid_epoch_checkpoint,
+)
+from src.checkpoint import checkpoint_iteration, list_checkpoints, load_tensors, save_tensors
+from src.files import TMP_PREFIX
+
+FAULTS = str(Path(__file__).parent / "faults")
+N_KILLS = 12
+
+
+def newest_iteration(run):
+    paths = list_checkpoints(run / "checkpoints")
+    return checkpoint_iteration(paths[0]) if paths else -1
+
+
+def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir, tmp_path):
+    """Kill -9 again and again, at random instants after fresh progress, often inside a checkpoint write."""
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, "--checkpoint_every_n_batches=2"]
+    rng = random.Random(20261125)
+    kills = kills_while_writing = 0
+    while kills < N_KILLS:
+        before = newest_iteration(run)
+        process = start_script(TRAIN_SCRIPT, *args, data_dir=data_dir, PYTHONPATH=FAULTS, SLOW_FSYNC_SECONDS="0.02")
+        deadline = time.monotonic() + 120
+        while newest_iteration(run) <= before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.15))
+        if process.poll() is not None:
+            break  # finished before this kill
+        writing = any(p.name.startswith(TMP_PREFIX) for p in (run / "checkpoints").iterdir())
+        process.kill()
+        process.wait()
+        kills += 1
+        kills_while_writing += writing
+    assert kills == N_KILLS, f"the run finished after only {kills} kills"
+    assert kills_while_writing >= 2, f"only {kills_while_writing} kills landed inside a checkpoint write"
+    final = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert final.returncode == 0, final.stderr
+    assert_identical(reference_run, run)
+    print(f"{kills} kills ({kills_while_writing} during a checkpoint write), final state bit-identical")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGUSR1, signal.SIGUSR2])
+def test_slurm_warning_signals_checkpoint_and_exit(data_dir, tmp_path, signal_number):
+    run = tmp_path / "run"
+    process = start_script(TRAIN_SCRIPT, "cifar10", run, *TINY, *RESUMABLE, data_dir=data_dir)
+    stopped_after = wait_for_mid_epoch_checkpoint(process, run)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal_number, stderr
+    assert "Traceback" not in stderr
+    assert newest_iteration(run) >= stopped_after
+
+
+def test_second_ctrl_c_exits_at_once_without_damage(reference_run, data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE]
+    process = start_script(TRAIN_SCRIPT, *args, data_dir=data_dir, PYTHONPATH=FAULTS, SLOW_FSYNC_SECONDS="0.3")
+    wait_for_mid_epoch_checkpoint(process, run)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # while the first one's checkpoint is being written (slow fsync)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "exiting now" in stderr and "Traceback" not in stderr
+    for path in list_checkpoints(run / "checkpoints"):
+        load_tensors(path)  # every checkpoint left is whole
+    resumed = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(reference_run, run)
+
+
+def test_full_disk_stops_training_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, "--checkpoint_every_n_batches=4"]
+    # config.json, meta.json, then the cache is already there; the first checkpoint and its log fit, then ENOSPC
+    result = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir, PYTHONPATH=FAULTS, FAIL_FSYNC_AFTER="10")
+    assert result.returncode == 1
+    assert "No space left on device" in result.stderr and "previous checkpoint is kept" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    kept = list_checkpoints(run / "checkpoints")
+    assert kept, "the checkpoint written before the disk filled up is gone"
+    for path in kept:
+        load_tensors(path)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]
+    resumed = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {kept[0]}" in resumed.stdout
+
+
+def test_unwritable_save_path_is_one_line(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_script(TRAIN_SCRIPT, "cifar10", blocker / "run", *TINY, data_dir=data_dir)
+    assert result.returncode == 1
+    assert "cannot use" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_diverging_loss_stops_with_the_iteration_and_keeps_good_checkpoints(train, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--n_epochs=1", "--checkpoint_every_n_batches=1").returncode == 0
+    newest = list_checkpoints(run / "checkpoints")[0]
+    contents = load_tensors(newest)
+    for state in contents["optimizer"]["state"].values():  # momentum that throws the next step to infinity
+        state["momentum_buffer"].fill_(3e38)
+    save_tensors(contents, newest)
+    result = train(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
+    assert result.returncode == 1
+    assert "NaN or infinite at iteration" in result.stderr and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    bad = int(result.stderr.split("at iteration ")[1].split(";")[0])
+    last_saved = checkpoint_iteration(list_checkpoints(run / "checkpoints")[0])
+    assert 15 <= last_saved < bad <= 17  # the edited state diverges within two steps; nothing saved from then on
+    assert f"last checkpoint: iteration {last_saved}" in result.stderr
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_weights_driven_to_infinity_are_never_saved(train, tmp_path):
+    """The step's own loss is still finite when it throws the weights to infinity: the weights are checked too."""
+    run = tmp_path / "run"
+    assert train(run, "--n_epochs=1").returncode == 0
+    newest = list_checkpoints(run / "checkpoints")[0]
+    contents = load_tensors(newest)
+    next(iter(contents["optimizer"]["state"].values()))["momentum_buffer"].fill_(float("inf"))
+    save_tensors(contents, newest)
+    result = train(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
+    assert result.returncode == 1
+    assert "the weights became NaN or infinite at iteration 16;" in result.stderr
+    assert "last checkpoint: iteration 15" in result.stderr
+    assert list_checkpoints(run / "checkpoints")[0] == newest
