@@ -135,7 +135,7 @@ def _meta_files(which):
                                 "coarse_label_names": [f"coarse_{i}" for i in range(20)]})}
 
 
-def main(data_dir, dataset="cifar10", n_train=5000, n_test=1000, seed=0, as_folder=False):
+def main(data_dir, *, dataset="cifar10", n_train=5000, n_test=1000, seed=0, as_folder=False):
     """Write a small learnable CIFAR-format data set into DATA_DIR."""
     path = write_cifar(dataset, data_dir, n_train, n_test, seed, as_folder)
     print(f"wrote {path} ({n_train} training and {n_test} test images)")

@@ -124,15 +124,15 @@ class EpochData:
 
 def run_main_loop(config, save_path, build_model):
     """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code."""
-    stops = StopRequests().install()
-    folder = RunFolder(save_path).open()
-    try:
+    with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
+        stops = cleanup.enter_context(StopRequests())
+        folder = cleanup.enter_context(RunFolder(save_path))
         folder.check_config(config)
         status = folder.read_status()
         if status and status["epochs_done"] >= config["n_epochs"]:
             return say_finished(save_path, status["epochs_done"])
         folder.save_config(config)
-        folder.copy_output()
+        cleanup.enter_context(folder.copy_output())
         device = choose_device(config["device"])
         precision = choose_precision(config["precision"], device)
         folder.record_session(device, precision)
@@ -148,8 +148,6 @@ def run_main_loop(config, save_path, build_model):
                                     weight_decay=config["weight_decay"])
         loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops)
         return loop.run()
-    finally:
-        folder.close()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@
     best_model.pt     weights with the best validation accuracy so far
     stdout.log, stderr.log   copies of what the runs printed
 """
+import contextlib
 import datetime
 import json
 import os
@@ -34,7 +35,7 @@ class RunFolder:
         self.checkpoints = self.path / CHECKPOINTS
         self._lock = RunFolderLock(self.path)
 
-    def open(self):
+    def __enter__(self):
         """Create the folder and take it for this process (exit 1 if another one has it)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ class RunFolder:
         remove_stale_temporaries(self.checkpoints)
         return self
 
-    def close(self):
+    def __exit__(self, *exc):
         self._lock.release()
 
     def check_config(self, config):
@@ -108,10 +109,19 @@ class RunFolder:
                   f"on {session['device']} ({precision}); it will not match an uninterrupted run bit for bit")
         write_json(meta_path, {**session, "sessions": previous + [session]})
 
+    @contextlib.contextmanager
     def copy_output(self):
-        """From now on, what this process prints also goes to stdout.log and stderr.log."""
+        """Inside, what this process prints also goes to stdout.log and stderr.log."""
+        saved = sys.stdout, sys.stderr
         sys.stdout = Tee(sys.stdout, self.path / "stdout.log")
         sys.stderr = Tee(sys.stderr, self.path / "stderr.log")
+        try:
+            yield
+        finally:
+            copies = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = saved
+            for tee in copies:
+                tee.file.close()
 
 
 def git_commit():

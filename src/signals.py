@@ -23,11 +23,15 @@ class StopRequests:
     def __init__(self):
         self.signal_number = None
         self.in_loop = False
+        self._previous = {}
 
-    def install(self):
-        for number in STOP_SIGNALS:
-            signal.signal(number, self._handle)
+    def __enter__(self):
+        self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
         return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name

@@ -46,6 +46,46 @@ def start_script(script, *args, data_dir, **extra_env):
 
 
 @pytest.fixture
+def train_here(data_dir, monkeypatch, capsys):
+    """Like `train`, but in this process (no start-up cost): -> (exit code, stdout, stderr).
+
+    For tests of behaviour, not of the command line as a separate process; those use `train`.
+    """
+    from configs.simple_cnn import simple_cnn_configs
+    from src.cli import dispatch_with_overrides
+    from src.scripts.train_simple_CNN import train
+
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+
+    def run(save_path, *overrides, config="cifar10"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            dispatch_with_overrides(train, simple_cnn_configs, [config, str(save_path), *TINY, *overrides])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([], exit_info.value.code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def evaluate_here(data_dir, monkeypatch, capsys):
+    """evaluate.py's main in this process: -> CompletedProcess(returncode, stdout, stderr)."""
+    from src.cli import dispatch
+    from src.scripts.evaluate import main
+
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+
+    def run(*args):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            dispatch(main, [str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([], exit_info.value.code, out, err)
+
+    return run
+
+
+@pytest.fixture
 def train(data_dir):
     """train(save_path, *overrides, config="cifar10") -> CompletedProcess, with the TINY settings first."""
 

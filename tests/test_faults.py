@@ -111,15 +111,15 @@ def test_unwritable_save_path_is_one_line(data_dir, tmp_path):
     assert "cannot use" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_diverging_loss_stops_with_the_iteration_and_keeps_good_checkpoints(train, tmp_path):
+def test_diverging_loss_stops_with_the_iteration_and_keeps_good_checkpoints(train_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run, "--n_epochs=1", "--checkpoint_every_n_batches=1").returncode == 0
+    assert train_here(run, "--n_epochs=1", "--checkpoint_every_n_batches=1").returncode == 0
     newest = list_checkpoints(run / "checkpoints")[0]
     contents = load_tensors(newest)
     for state in contents["optimizer"]["state"].values():  # momentum that throws the next step to infinity
         state["momentum_buffer"].fill_(3e38)
     save_tensors(contents, newest)
-    result = train(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
+    result = train_here(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
     assert result.returncode == 1
     assert "NaN or infinite at iteration" in result.stderr and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
@@ -130,15 +130,15 @@ def test_diverging_loss_stops_with_the_iteration_and_keeps_good_checkpoints(trai
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
 
 
-def test_weights_driven_to_infinity_are_never_saved(train, tmp_path):
+def test_weights_driven_to_infinity_are_never_saved(train_here, tmp_path):
     """The step's own loss is still finite when it throws the weights to infinity: the weights are checked too."""
     run = tmp_path / "run"
-    assert train(run, "--n_epochs=1").returncode == 0
+    assert train_here(run, "--n_epochs=1").returncode == 0
     newest = list_checkpoints(run / "checkpoints")[0]
     contents = load_tensors(newest)
     next(iter(contents["optimizer"]["state"].values()))["momentum_buffer"].fill_(float("inf"))
     save_tensors(contents, newest)
-    result = train(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
+    result = train_here(run, "--n_epochs=2", "--checkpoint_every_n_batches=1")
     assert result.returncode == 1
     assert "the weights became NaN or infinite at iteration 16;" in result.stderr
     assert "last checkpoint: iteration 15" in result.stderr

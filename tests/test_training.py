@@ -52,8 +52,8 @@ def test_two_epoch_run_fills_the_run_folder(train, tmp_path):
     assert (run / "log.jsonl").read_text().count("\n") == 2
 
 
-def test_training_learns_the_learnable_data(train, tmp_path):
-    result = train(tmp_path / "run", "--n_epochs=8", "--n_filters=8")
+def test_training_learns_the_learnable_data(train_here, tmp_path):
+    result = train_here(tmp_path / "run", "--n_epochs=8", "--n_filters=8")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -95,22 +95,22 @@ def test_signal_checkpoints_then_exits_128_plus_n_and_resumes_exactly(reference_
     assert_identical(reference_run, run)
 
 
-def test_changed_config_is_refused_and_n_epochs_may_grow(train, tmp_path):
+def test_changed_config_is_refused_and_n_epochs_may_grow(train_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run).returncode == 0
+    assert train_here(run).returncode == 0
     before = (run / "log.jsonl").read_text()
-    refused = train(run, "--lr=0.2", "--seed=5")
+    refused = train_here(run, "--lr=0.2", "--seed=5")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert "lr: 0.05 -> 0.2" in refused.stderr and "seed: 1 -> 5" in refused.stderr
     assert (run / "log.jsonl").read_text() == before
 
-    extended = train(run, "--n_epochs=3")
+    extended = train_here(run, "--n_epochs=3")
     assert extended.returncode == 0, extended.stderr
     rows = (run / "log.jsonl").read_text().splitlines()
     assert len(rows) == 3 and "\n".join(rows[:2]) + "\n" == before
     assert json.loads((run / "config.json").read_text())["n_epochs"] == 3
-    lowered = train(run, "--n_epochs=1")
+    lowered = train_here(run, "--n_epochs=1")
     assert lowered.returncode == 0 and "already finished" in lowered.stdout
     assert json.loads((run / "config.json").read_text())["n_epochs"] == 3  # what was trained, not the request
 
@@ -129,12 +129,12 @@ def test_a_second_process_on_the_run_folder_is_refused(train, tmp_path):
     assert train(run).returncode == 0  # free again once the holder lets go
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(train, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(train_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run, "--checkpoint_every_n_batches=4").returncode == 0
+    assert train_here(run, "--checkpoint_every_n_batches=4").returncode == 0
     newest, previous = list_checkpoints(run / "checkpoints")
     newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
-    result = train(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
+    result = train_here(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
     assert result.returncode == 0, result.stderr
     assert f"{newest} is corrupt" in result.stdout
     assert f"resuming from {previous}" in result.stdout
@@ -142,20 +142,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(train, tmp_pat
     assert len((run / "log.jsonl").read_text().splitlines()) == 3
 
 
-def test_no_whole_checkpoint_refuses_to_start_over(train, tmp_path):
+def test_no_whole_checkpoint_refuses_to_start_over(train_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run, "--checkpoint_every_n_batches=4").returncode == 0
+    assert train_here(run, "--checkpoint_every_n_batches=4").returncode == 0
     for path in list_checkpoints(run / "checkpoints"):
         path.write_bytes(b"garbage")
-    result = train(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
+    result = train_here(run, "--checkpoint_every_n_batches=4", "--n_epochs=3")
     assert result.returncode == 1
     assert "no whole checkpoint" in result.stderr and result.stderr.count("\n") == 1
     assert len(list_checkpoints(run / "checkpoints")) == 2  # nothing was moved or deleted
 
 
-def test_a_planted_pickle_never_runs(train, tmp_path):
+def test_a_planted_pickle_never_runs(train_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run).returncode == 0
+    assert train_here(run).returncode == 0
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -167,15 +167,15 @@ def test_a_planted_pickle_never_runs(train, tmp_path):
     with pytest.raises(Exception, match="corrupt"):
         load_tensors(newest)
     load_main_loop(run)  # falls back to the previous checkpoint
-    result = train(run, "--n_epochs=3")
+    result = train_here(run, "--n_epochs=3")
     assert result.returncode == 0, result.stderr
     assert "is corrupt" in result.stdout
     assert not marker.exists()
 
 
-def test_load_main_loop_and_evaluate(train, data_dir, tmp_path):
+def test_load_main_loop_and_evaluate(train_here, data_dir, tmp_path):
     run = tmp_path / "run"
-    assert train(run).returncode == 0
+    assert train_here(run).returncode == 0
     ml = load_main_loop(run)
     assert ml.config["n_filters"] == 4
     assert list(ml.log["epoch"]) == [1, 2] and "valid_acc" in ml.log.columns
@@ -194,22 +194,22 @@ def test_load_main_loop_and_evaluate(train, data_dir, tmp_path):
     assert f"test accuracy {saved['last_test_acc']:.4f}" in result.stdout
 
 
-def test_evaluate_refuses_unfinished_runs_unless_asked(train, data_dir, tmp_path):
+def test_evaluate_refuses_unfinished_runs_unless_asked(train_here, evaluate_here, tmp_path):
     run = tmp_path / "run"
-    assert train(run, "--n_epochs=1").returncode == 0
+    assert train_here(run, "--n_epochs=1").returncode == 0
     (run / "status.json").write_text(json.dumps({**json.loads((run / "status.json").read_text()),
                                                   "finished": False}))
-    refused = run_script(EVALUATE_SCRIPT, run, data_dir=data_dir)
+    refused = evaluate_here(run)
     assert refused.returncode == 2 and "unfinished" in refused.stderr
-    allowed = run_script(EVALUATE_SCRIPT, run, "--allow_unfinished", data_dir=data_dir)
+    allowed = evaluate_here(run, "--allow_unfinished")
     assert allowed.returncode == 0, allowed.stderr
-    missing = run_script(EVALUATE_SCRIPT, tmp_path / "nothing", data_dir=data_dir)
+    missing = evaluate_here(tmp_path / "nothing")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
 
 
-def test_cifar100_coarse_labels(train, tmp_path):
+def test_cifar100_coarse_labels(train_here, tmp_path):
     run = tmp_path / "run"
-    result = train(run, "--n_epochs=1", config="cifar100_coarse")
+    result = train_here(run, "--n_epochs=1", config="cifar100_coarse")
     assert result.returncode == 0, result.stderr
     ml = load_main_loop(run)
     assert ml.model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 20)
@@ -223,15 +223,15 @@ def test_corrupt_data_is_one_line_exit_1(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_log_and_status_lost_after_the_last_checkpoint_are_rebuilt(train, tmp_path):
+def test_log_and_status_lost_after_the_last_checkpoint_are_rebuilt(train_here, tmp_path):
     """A kill between the final checkpoint and log.jsonl/status.json must not leave them stale for good."""
     run = tmp_path / "run"
-    assert train(run).returncode == 0
+    assert train_here(run).returncode == 0
     full_log = (run / "log.jsonl").read_text()
     (run / "log.jsonl").write_text(full_log.splitlines(keepends=True)[0])
     status = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**status, "epochs_done": 1, "finished": False}))
-    again = train(run)
+    again = train_here(run)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert (run / "log.jsonl").read_text() == full_log
     assert json.loads((run / "status.json").read_text())["finished"]

@@ -14,7 +14,7 @@ RESULT_FILE = "eval_test.json"
 
 
 @exit_codes
-def main(save_path, data_dir=None, device="auto", allow_unfinished=False):
+def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     """Evaluate the latest and the best model of the run in SAVE_PATH on the test set."""
     import torch
 
