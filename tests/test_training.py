@@ -235,3 +235,25 @@ def test_log_and_status_lost_after_the_last_checkpoint_are_rebuilt(train_here, t
     assert again.returncode == 0 and "already finished" in again.stdout
     assert (run / "log.jsonl").read_text() == full_log
     assert json.loads((run / "status.json").read_text())["finished"]
+
+
+def test_evaluate_reports_a_corrupt_best_model_in_one_line(train_here, evaluate_here, tmp_path):
+    run = tmp_path / "run"
+    assert train_here(run, "--n_epochs=1").returncode == 0
+    (run / "best_model.pt").write_bytes(b"\x80\x02garbage")
+    result = evaluate_here(run)
+    assert result.returncode == 1 and "best_model.pt is corrupt" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert evaluate_here(run, "--device=tpu").returncode == 2
+
+
+def test_resuming_on_another_device_or_precision_warns(train_here, tmp_path):
+    run = tmp_path / "run"
+    assert train_here(run, "--n_epochs=1").returncode == 0
+    meta = json.loads((run / "meta.json").read_text())
+    meta["sessions"][-1]["precision"] = "as on another machine"
+    (run / "meta.json").write_text(json.dumps(meta))
+    resumed = train_here(run, "--n_epochs=2")
+    assert resumed.returncode == 0
+    assert "will not match an uninterrupted run bit for bit" in resumed.stdout
+    assert len(json.loads((run / "meta.json").read_text())["sessions"]) == 2

@@ -25,8 +25,11 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     from src.files import write_json
     from src.hardware import choose_device
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'")
     try:
         run = load_main_loop(save_path)
+        models = {"last": run.model, "best": run.load_best_model()}
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     except CorruptCheckpoint as e:
@@ -42,7 +45,6 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     result = {"dataset": config["dataset"], "label_mode": config["label_mode"], "n_test": len(y_test),
               "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done")}
-    models = {"last": run.model, "best": run.load_best_model()}
     for name, model in models.items():
         if model is None:
             continue
