@@ -6,7 +6,7 @@ ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
 TRAIN := $(PY) src/scripts/train_simple_CNN.py
 DEMO := scratch/demo
 
-.PHONY: install test lint clean demo simple_cnn_cifar10 simple_cnn_cifar100
+.PHONY: install test lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ lint:
 clean:
 	rm -rf .pytest_cache .ruff_cache scratch
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+# The speed table of README "Performance"; writes scratch/bench.json. Keep the machine otherwise idle.
+bench:
+	$(ENV) $(PY) src/scripts/bench.py
+
+# The table of every run under $RESULTS_DIR.
+report:
+	$(ENV) $(PY) src/scripts/report.py $${RESULTS_DIR:-results}
 
 # Offline: a small learnable CIFAR-10-format archive, a few epochs on it, then its test accuracy.
 demo:

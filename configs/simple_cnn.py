@@ -32,6 +32,9 @@ simple_cnn_configs.set_root(
         "seed": 1,
         "device": "auto",  # auto (cuda if available) | cpu | cuda
         "precision": "auto",  # auto (bf16 where the hardware has it) | fp32 | bf16
+        "num_threads": 0,  # CPU threads; 0 = PyTorch's choice ($OMP_NUM_THREADS, else one per core)
+        "compile": False,  # torch.compile the training step (see README, Performance)
+        "tensorboard": True,  # event files in SAVE_PATH/tensorboard (curves.png is always drawn)
         "checkpoint_every_n_batches": 0,  # counted from the start of training; 0 = off
         "checkpoint_every_seconds": 300.0,  # 0 = off
     }
@@ -62,6 +65,8 @@ def validate(config):
     for key in ("lr", "momentum", "weight_decay", "checkpoint_every_seconds"):
         if not config[key] >= 0:  # also catches nan
             problems.append(f"--{key} must not be negative, not {config[key]}")
+    if config["num_threads"] < 0:
+        problems.append(f"--num_threads must be 0 (PyTorch's choice) or more, not {config['num_threads']}")
     if config["checkpoint_every_n_batches"] < 0:
         problems.append("--checkpoint_every_n_batches must not be negative")
     return problems

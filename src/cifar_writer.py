@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.data import DATASETS, IMAGE_SHAPE
+from src.data import CIFAR10_CLASSES, DATASETS, IMAGE_SHAPE
 
 P = pickle  # opcode constants
 
@@ -129,8 +129,8 @@ def _batch_record(which, name, n, rng):
 
 def _meta_files(which):
     if which == "cifar10":
-        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-        return {"batches.meta": py2_pickle({"num_cases_per_batch": 10000, "label_names": names, "num_vis": 3072})}
+        return {"batches.meta": py2_pickle({"num_cases_per_batch": 10000, "label_names": list(CIFAR10_CLASSES),
+                                            "num_vis": 3072})}
     return {"meta": py2_pickle({"fine_label_names": [f"fine_{i}" for i in range(100)],
                                 "coarse_label_names": [f"coarse_{i}" for i in range(20)]})}
 

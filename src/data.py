@@ -37,9 +37,11 @@ DATASETS = {
     },
 }
 IMAGE_SHAPE = (3, 32, 32)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 SEED_SPLIT, SEED_ORDER, SEED_AUGMENT = 0, 1, 2
+_MASK64 = (1 << 64) - 1
 
 
 def default_data_dir():
@@ -202,9 +204,15 @@ def _read_batch(spec, name, read, where):
 
 
 def derive_seed(*numbers):
-    """A well-mixed 63-bit seed from a tuple of ints, so each (seed, epoch, batch) gets its own stream."""
-    words = np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+    """A well-mixed 63-bit seed from a tuple of ints (SplitMix64 over them), so each (seed, epoch, batch)
+    gets its own random stream. A few microseconds: it runs twice per training step."""
+    state = 0
+    for number in numbers:
+        state = (state ^ (int(number) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
 
 
 def split_train_valid(n_train, valid_size, n_examples, seed):
@@ -225,11 +233,15 @@ def get_cifar(which, augment, batch_size, seed, device, valid_size=5000, n_examp
 
     (x, y), _ = load_cifar(which, data_dir, label_mode)
     train, valid = split_train_valid(len(x), valid_size, n_examples, seed)
-    stream = TrainStream(torch.from_numpy(x[np.sort(train)]), torch.from_numpy(y[np.sort(train)]),
-                         batch_size, seed, augment, device)
-    x_valid = torch.from_numpy(x[np.sort(valid)]).to(device)
-    y_valid = torch.from_numpy(y[np.sort(valid)]).to(device)
-    return stream, (x_valid, y_valid)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def pick(indices):  # torch's index_select copies several times faster than numpy's fancy indexing
+        indices = torch.from_numpy(np.sort(indices))
+        return x.index_select(0, indices), y.index_select(0, indices)
+
+    stream = TrainStream(*pick(train), batch_size, seed, augment, device)
+    x_valid, y_valid = pick(valid)
+    return stream, (x_valid.to(device), y_valid.to(device))
 
 
 class TrainStream:
@@ -274,11 +286,16 @@ class TrainStream:
         shifts = torch.randint(0, 9, (n, 2), generator=generator).to(self.device)
         flips = (torch.rand(n, generator=generator) < 0.5).to(self.device)
         padded = F.pad(x, (4, 4, 4, 4))
-        rows = (shifts[:, 0, None] + torch.arange(h, device=self.device))[:, None, :, None]
-        cols = (shifts[:, 1, None] + torch.arange(w, device=self.device))[:, None, None, :]
-        cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
-        channels = torch.arange(3, device=self.device)[None, :, None, None]
-        return padded[torch.arange(n, device=self.device)[:, None, None, None], channels, rows, cols]
+        c, ph, pw = padded.shape[1:]
+        rows = shifts[:, 0, None] + torch.arange(h, device=self.device)  # (n, h)
+        cols = shifts[:, 1, None] + torch.arange(w, device=self.device)  # (n, w)
+        cols = torch.where(flips[:, None], cols.flip(-1), cols)
+        # One gather from the flat padded batch: twice as fast as indexing with four broadcast index tensors.
+        image_start = torch.arange(n, device=self.device) * (c * ph * pw)
+        channel_start = torch.arange(c, device=self.device) * (ph * pw)
+        where = (image_start[:, None, None, None] + channel_start[None, :, None, None]
+                 + (rows * pw)[:, None, :, None] + cols[:, None, None, :])
+        return padded.reshape(-1)[where]
 
 
 def channel_mean_std(images):

@@ -18,8 +18,10 @@ import contextlib
 import datetime
 import logging
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +40,13 @@ from src.data import derive_seed, get_cifar
 from src.errors import RunError
 from src.evaluation import evaluate
 from src.hardware import autocast, choose_device, choose_precision
+from src.monitoring import Monitors
 from src.run_folder import BEST_MODEL, RunFolder
 from src.signals import StopRequests
 
 SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
-NAN_CHECK_EVERY = 50  # iterations between reads of the NaN flag (one host sync each)
+LOG_EVERY = 50  # iterations between reads of the NaN flag and TensorBoard points (one host sync each)
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
 
@@ -133,6 +136,8 @@ def run_main_loop(config, save_path, build_model):
             return say_finished(save_path, status["epochs_done"])
         folder.save_config(config)
         cleanup.enter_context(folder.copy_output())
+        if config["num_threads"]:
+            torch.set_num_threads(config["num_threads"])
         device = choose_device(config["device"])
         precision = choose_precision(config["precision"], device)
         folder.record_session(device, precision)
@@ -171,6 +176,8 @@ class MainLoop:
     def __init__(self, config, folder, model, optimizer, stream, valid, device, precision, stops):
         self.config, self.folder, self.model, self.optimizer = config, folder, model, optimizer
         self.stream, self.valid, self.device, self.precision, self.stops = stream, valid, device, precision, stops
+        # The compiled module shares its parameters with `model`, which checkpoints and evaluation use.
+        self.forward = torch.compile(model) if config["compile"] else model
         self.trainer = Engine(self.step)
         self.progress = Progress(device)
         self.checkpointer = Checkpoint(
@@ -189,7 +196,7 @@ class MainLoop:
     def step(self, engine, batch):
         images, labels = batch
         with autocast(self.device, self.precision):
-            logits = self.model(images)
+            logits = self.forward(images)
         loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,13 +206,14 @@ class MainLoop:
     def attach_extensions(self):
         t = self.trainer
         t.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
+        t.add_event_handler(Events.ITERATION_COMPLETED(once=t.state.iteration + 1), self.report_start_up)
         t.add_event_handler(Events.ITERATION_STARTED, self.before_step)
         n = self.config["checkpoint_every_n_batches"]
         if n > 0:
             t.add_event_handler(Events.ITERATION_COMPLETED(every=n), self.save_mid_epoch)
         if self.config["checkpoint_every_seconds"] > 0:
             t.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
-        t.add_event_handler(Events.ITERATION_COMPLETED(every=NAN_CHECK_EVERY), self.check_loss_now_and_then)
+        t.add_event_handler(Events.ITERATION_COMPLETED(every=LOG_EVERY), self.log_now_and_then)
         t.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_asked, mid_epoch=True)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.stop_if_asked, mid_epoch=False)
@@ -220,9 +228,13 @@ class MainLoop:
         self.resume()
         if self.trainer.state.iteration >= self.total_iterations:
             return say_finished(self.folder.path, len(self.progress.log))
+        self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration)
         self.stops.in_loop = True
-        self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])
-        self.stops.in_loop = False
+        try:
+            self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])
+        finally:
+            self.stops.in_loop = False
+            self.monitors.close()
         if self.stops.requested and self.trainer.state.iteration < self.total_iterations:
             print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
                   "rerun the same command to resume", file=sys.stderr)
@@ -272,6 +284,11 @@ class MainLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def report_start_up(self, engine):
+        seconds = seconds_since_process_start()
+        if seconds is not None:
+            self.say(f"first step done {seconds:.1f} s after the command started")
+
     def at_epoch_end(self, engine):
         return engine.state.iteration % len(self.stream) == 0
 
@@ -316,8 +333,9 @@ class MainLoop:
             raise RunError(f"the weights became NaN or infinite at iteration {iteration}; stopped without saving "
                            f"them (last checkpoint: {last}); start a new SAVE_PATH with a lower --lr")
 
-    def check_loss_now_and_then(self, engine):
+    def log_now_and_then(self, engine):
         self.stop_if_loss_not_finite()
+        self.monitors.iteration(engine.state.iteration, self.progress, self.optimizer.param_groups[0]["lr"])
 
     def status(self):
         iteration = self.trainer.state.iteration
@@ -354,6 +372,7 @@ class MainLoop:
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
             "images_per_second": p.count / train_seconds,
+            "finished_at": time.time(),
         }
         p.log.append(row)
         if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
@@ -362,12 +381,23 @@ class MainLoop:
                 save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
         self.save(engine)
+        self.monitors.epoch(p.log)
 
     def say(self, line):
         if self.bar is not None:
             self.bar.log_message(line)
         else:
             print(line, flush=True)
+
+
+def seconds_since_process_start():
+    """Wall time since this process was created (Linux), for the start-up cost; None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def format_row(row, n_epochs):

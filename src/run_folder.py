@@ -6,6 +6,8 @@
     status.json       epochs_done, iterations_done, finished, ...
     checkpoints/      checkpoint_<iteration>.pt, the two newest
     best_model.pt     weights with the best validation accuracy so far
+    curves.png        learning curves, redrawn after every epoch
+    tensorboard/      TensorBoard event files
     stdout.log, stderr.log   copies of what the runs printed
 """
 import contextlib
@@ -24,9 +26,10 @@ from src.files import RunFolderLock, atomic_write, read_json, remove_stale_tempo
 
 CONFIG, META, LOG, STATUS = "config.json", "meta.json", "log.jsonl", "status.json"
 CHECKPOINTS, BEST_MODEL = "checkpoints", "best_model.pt"
-# Keys that may change when a run is resumed: they decide how long and how often to save, not what is
-# computed. n_epochs may grow to train further (a cosine or linear schedule then stretches to the new end).
-RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every_seconds")
+# Keys that may change when a run is resumed: they decide how long to train and how often to save or
+# log, not what is computed. n_epochs may grow to train further (a cosine or linear schedule then
+# stretches to the new end).
+RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every_seconds", "tensorboard")
 
 
 class RunFolder:

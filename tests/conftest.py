@@ -95,7 +95,7 @@ def train(data_dir):
     return run
 
 
-TIMING = ("epoch_seconds", "images_per_second")
+TIMING = ("epoch_seconds", "images_per_second", "finished_at")
 # Dropout on, so that exact resume also needs the per-iteration re-seeding; checkpoints every 4 batches
 # (15 batches per epoch) land mid-epoch.
 RESUMABLE = ["--n_epochs=3", "--dropout=0.5", "--checkpoint_every_n_batches=4", "--n_filters=8"]

@@ -33,7 +33,7 @@ def test_two_epoch_run_fills_the_run_folder(train, tmp_path):
     assert [r["iteration"] for r in rows] == [15, 30]
     for row in rows:
         assert set(row) == {"epoch", "iteration", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr",
-                            "epoch_seconds", "images_per_second"}
+                            "epoch_seconds", "images_per_second", "finished_at"}
         assert 0 <= row["train_acc"] <= 1 and 0 <= row["valid_acc"] <= 1 and row["images_per_second"] > 0
     status = json.loads((run / "status.json").read_text())
     assert status["finished"] and status["epochs_done"] == 2 and status["iterations_done"] == 30
@@ -183,7 +183,7 @@ def test_load_main_loop_and_evaluate(train_here, data_dir, tmp_path):
     assert not ml.model.training
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     assert ml.model(images).shape == (5, 10)
-    best = ml.load_best_model()
+    best = ml.best_model
     assert best is not None and not best.training
 
     result = run_script(EVALUATE_SCRIPT, run, data_dir=data_dir)

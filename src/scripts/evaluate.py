@@ -5,6 +5,8 @@ The only code in this project that reads the test set. Writes SAVE_PATH/eval_tes
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 
 from src.cli import dispatch, exit_codes  # noqa: E402
@@ -29,7 +31,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
         raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'")
     try:
         run = load_main_loop(save_path)
-        models = {"last": run.model, "best": run.load_best_model()}
+        models = {"last": run.model, "best": run.best_model}
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     except CorruptCheckpoint as e:
@@ -45,14 +47,44 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     result = {"dataset": config["dataset"], "label_mode": config["label_mode"], "n_test": len(y_test),
               "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done")}
+    names = class_names(config["dataset"], config["label_mode"])
     for name, model in models.items():
         if model is None:
             continue
-        loss, accuracy, _ = evaluate(model.to(target), x_test, y_test, target, "fp32")
+        loss, accuracy, predicted = evaluate(model.to(target), x_test, y_test, target, "fp32")
+        matrix = confusion_matrix(y_test.numpy(), predicted.numpy(), len(names))
+        per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
         result[f"{name}_test_loss"], result[f"{name}_test_acc"] = loss, accuracy
-        print(f"{name} model: test accuracy {accuracy:.4f}, test loss {loss:.4f} ({len(y_test)} images)")
+        result[f"{name}_per_class_acc"] = dict(zip(names, per_class.tolist(), strict=True))
+        save_confusion(matrix, names, Path(save_path), name)
+        print(f"{name} model: test accuracy {accuracy:.4f}, test loss {loss:.4f} ({len(y_test)} images); "
+              f"worst class {names[per_class.argmin()]} {per_class.min():.4f}")
     write_json(Path(save_path) / RESULT_FILE, result)
-    print(f"saved {Path(save_path) / RESULT_FILE}")
+    print(f"saved {Path(save_path) / RESULT_FILE} and confusion_test_*.csv/png")
+
+
+def class_names(dataset, label_mode):
+    from src.data import CIFAR10_CLASSES, n_classes
+
+    if dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    return [f"{label_mode}_{i}" for i in range(n_classes(dataset, label_mode))]
+
+
+def confusion_matrix(true, predicted, n):
+    """counts[i, j]: test images of class i predicted as j."""
+    return np.bincount(true * n + predicted, minlength=n * n).reshape(n, n)
+
+
+def save_confusion(matrix, names, folder, which):
+    from src.files import atomic_write
+    from src.plots import plot_confusion
+
+    header = "true \\ predicted," + ",".join(names) + "\n"
+    rows = "".join(f"{name}," + ",".join(map(str, row)) + "\n" for name, row in zip(names, matrix, strict=True))
+    atomic_write(folder / f"confusion_test_{which}.csv", lambda f: f.write((header + rows).encode()))
+    plot_confusion(matrix, names, folder / f"confusion_test_{which}.png",
+                   title=f"{folder.name}: test confusion, {which} model")
 
 
 if __name__ == "__main__":

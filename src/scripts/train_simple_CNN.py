@@ -2,8 +2,13 @@
 
 Rerunning the same command resumes the run; rerunning a finished run does nothing.
 """
+import os
 import sys
 from pathlib import Path
+
+# No TorchScript is used here; without it, importing ignite (which scripts torch's functional
+# optimizers at import) is 0.3 s faster. An explicit PYTORCH_JIT=1 still wins.
+os.environ.setdefault("PYTORCH_JIT", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 

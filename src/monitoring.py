@@ -1,0 +1,63 @@
+"""What a researcher watches while a run trains: curves.png after every epoch, and TensorBoard scalars.
+
+TensorBoard events go to SAVE_PATH/tensorboard/, keyed by iteration, so `tensorboard --logdir
+results` shows every run. On resume, events after the checkpoint's iteration are purged, so the
+curves of a resumed run have no doubled segments.
+"""
+import time
+
+CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+EPOCH_SCALARS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_second", "epoch_seconds")
+
+
+class Monitors:
+    def __init__(self, folder, tensorboard, start_iteration):
+        self.folder = folder
+        self.tensorboard = tensorboard
+        self.start_iteration = start_iteration
+        self._writer = None
+        self._last = (start_iteration, time.perf_counter())
+
+    @property
+    def writer(self):
+        """Created on first use: importing TensorBoard would otherwise delay the first step."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.folder.path / TENSORBOARD),
+                                         purge_step=self.start_iteration or None)
+        return self._writer
+
+    def iteration(self, iteration, progress, lr):
+        """Running means of the epoch so far (one host sync), the learning rate and the recent speed."""
+        if not self.tensorboard or not progress.count:
+            return
+        last_iteration, last_time = self._last
+        now = time.perf_counter()
+        scalars = {"train_loss": progress.loss_sum.item() / progress.count,
+                   "train_acc": progress.correct.item() / progress.count, "lr": lr}
+        if iteration > last_iteration:
+            scalars["iterations_per_second"] = (iteration - last_iteration) / (now - last_time)
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"iteration/{name}", value, iteration)
+        self._last = (iteration, now)
+
+    def epoch(self, log):
+        """Epoch scalars to TensorBoard, and curves.png redrawn from the whole log."""
+        import pandas as pd
+
+        from src.plots import plot_curves
+
+        row = log[-1]
+        if self.tensorboard:
+            for name in EPOCH_SCALARS:
+                if row.get(name) is not None:
+                    self.writer.add_scalar(f"epoch/{name}", row[name], row["iteration"])
+            self.writer.flush()
+        plot_curves(pd.DataFrame(log), self.folder.path / CURVES, title=f"{self.folder.path.name}: learning curves")
+        self._last = (row["iteration"], time.perf_counter())
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()

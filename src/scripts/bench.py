@@ -1,0 +1,298 @@
+"""make bench: what one training step of the default model costs, and what our loop adds to it.
+
+Everything is measured in one process, interleaved (one round of every measurement, then the
+next round), and reported as medians, so that a noisy shared machine moves all rows alike. The
+number that matters is the last line: the main loop's time per image over the bare step's.
+"""
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
+
+from src.cli import dispatch, exit_codes  # noqa: E402
+
+RESULT_FILE = "scratch/bench.json"
+
+
+def synchronize(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_model(config, device, channels_last):
+    import torch
+
+    from src.models import build_simple_cnn
+
+    torch.manual_seed(0)
+    model = build_simple_cnn(config)
+    model[0].channels_last = channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return model, optimizer
+
+
+def train_step(model, optimizer, images, labels, device, precision):
+    import torch.nn.functional as F
+
+    from src.hardware import autocast
+
+    with autocast(device, precision):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def time_images(run, n_images, device):
+    """Images per second of `run()` (which processes `n_images`), device work included."""
+    synchronize(device)
+    started = time.perf_counter()
+    run()
+    synchronize(device)
+    return n_images / (time.perf_counter() - started)
+
+
+class Bench:
+    def __init__(self, config, data_dir, steps, device, precision):
+        from src.data import get_cifar
+
+        self.config, self.data_dir, self.steps = config, data_dir, steps
+        self.device, self.precision = device, precision
+        self.channels_last = device.type == "cuda" or precision == "bf16"
+        self.stream, self.valid = get_cifar("cifar10", True, config["batch_size"], 1, device,
+                                            config["valid_size"], -1, data_dir=data_dir)
+        # Distinct batches, as training sees them (one batch reused would sit in the CPU caches).
+        self.batches = [batch for _, batch in zip(range(steps), self.stream.epoch(1), strict=False)]
+        self.images, self.labels = self.batches[0]
+        self.fp32 = make_model(config, device, channels_last=False)
+        self.best = make_model(config, device, channels_last=self.channels_last)
+        for _ in range(3):  # warm-up: kernels chosen, memory allocated
+            self.bare(*self.fp32, "fp32")
+            self.bare(*self.best, precision)
+
+    def bare(self, model, optimizer, precision):
+        for images, labels in self.batches:
+            train_step(model, optimizer, images, labels, self.device, precision)
+
+    def bare_fp32(self):
+        return time_images(lambda: self.bare(*self.fp32, "fp32"), self.n_bare_images, self.device)
+
+    def bare_best(self):
+        return time_images(lambda: self.bare(*self.best, self.precision), self.n_bare_images, self.device)
+
+    @property
+    def n_bare_images(self):
+        return sum(len(labels) for _, labels in self.batches)
+
+    def bare_best_one_thread(self):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.bare_best()
+        finally:
+            torch.set_num_threads(threads)
+
+    def stream_only(self):
+        n_batches = min(len(self.stream), 10 * self.steps)
+
+        def run():
+            for _ in zip(range(n_batches), self.stream.epoch(2), strict=False):
+                pass
+
+        return time_images(run, n_batches * self.stream.batch_size, self.device)
+
+    def end_to_end(self):
+        """Three epochs through run_main_loop at the default config (every extension on); the third one,
+        from the second's log row to its own, covers everything a steady epoch costs: training,
+        validation, the epoch-end checkpoint, log, curves.png and TensorBoard."""
+        import io
+        from contextlib import redirect_stdout
+
+        from src.analysis import read_log
+        from src.main_loop import run_main_loop
+        from src.models import build_simple_cnn
+
+        with tempfile.TemporaryDirectory() as folder, redirect_stdout(io.StringIO()):
+            os.environ["DATA_DIR"] = str(self.data_dir)
+            run_main_loop({**self.config, "n_epochs": 3}, Path(folder) / "run", build_simple_cnn)
+            log = read_log(Path(folder) / "run")
+        n_images = len(self.stream) * self.stream.batch_size
+        return {"epoch": n_images / (log["finished_at"].iloc[2] - log["finished_at"].iloc[1]),
+                "training": log["images_per_second"].iloc[2]}
+
+    def evaluation(self):
+        from src.evaluation import evaluate
+
+        model = self.best[0]
+        return time_images(lambda: evaluate(model, *self.valid, self.device, self.precision, batch_size=512),
+                           len(self.valid[1]), self.device)
+
+    def checkpoint_ms(self):
+        """One checkpoint of the default model with its optimizer state, written as the main loop writes it."""
+        from src.checkpoint import save_tensors
+
+        model, optimizer = self.best
+        contents = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "trainer": {"iteration": 1, "epoch_length": 1, "max_epochs": 1}}
+        with tempfile.TemporaryDirectory(dir=self.data_dir) as folder:
+            started = time.perf_counter()
+            save_tensors(contents, Path(folder) / "checkpoint_1.pt")
+            return 1000 * (time.perf_counter() - started)
+
+    def per_sample_reference(self):
+        """The usual pipeline: PIL images, per-sample crop and flip, a DataLoader with 2 worker processes."""
+        import torch
+
+        loader = torch.utils.data.DataLoader(PilCifar(self.stream.images.cpu(), self.stream.labels.cpu()),
+                                             batch_size=self.config["batch_size"], shuffle=True, num_workers=2,
+                                             drop_last=True)
+        batches = iter(loader)
+        next(batches)  # worker start-up is not counted
+        model, optimizer = self.best
+
+        def run():
+            for _, (images, labels) in zip(range(self.steps), batches, strict=False):
+                train_step(model, optimizer, images.to(self.device), labels.to(self.device), self.device,
+                           self.precision)
+
+        return time_images(run, self.steps * self.config["batch_size"], self.device)
+
+
+class PilCifar:
+    """A torch Dataset as the tutorials write it: a PIL image per sample, augmented one at a time."""
+
+    def __init__(self, images, labels):
+        from PIL import Image
+
+        self.images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+        import torch
+        from PIL import ImageOps
+
+        image = ImageOps.expand(self.images[i], border=4, fill=0)
+        left, top = random.randint(0, 8), random.randint(0, 8)
+        image = image.crop((left, top, left + 32, top + 32))
+        if random.random() < 0.5:
+            image = ImageOps.mirror(image)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), self.labels[i]
+
+
+def median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+@exit_codes
+def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False):
+    """Measure the default model's bare step against the main loop, on a learnable CIFAR-10-format archive."""
+    import json
+    import platform
+
+    import torch
+
+    from configs.simple_cnn import simple_cnn_configs
+    from src.cifar_writer import write_cifar
+    from src.hardware import choose_device, choose_precision
+
+    # The default config; the validation share of the training images is kept at its 5,000 of 50,000.
+    config = {**simple_cnn_configs.get("cifar10"), "valid_size": n_images // 10}
+    device = choose_device(config["device"])
+    precision = choose_precision(config["precision"], device)
+    with tempfile.TemporaryDirectory() as data_dir:
+        write_cifar("cifar10", data_dir, n_train=n_images, n_test=100)
+        bench = Bench(config, Path(data_dir), steps, device, precision)
+        rounds = {name: [] for name in ("bare_fp32", "bare_best", "bare_best_one_thread", "stream_only",
+                                        "end_to_end", "per_sample_reference", "evaluation", "checkpoint_ms")}
+        for r in range(repeats):
+            for name, values in rounds.items():
+                values.append(getattr(bench, name)())
+            print(f"round {r + 1}/{repeats} done", file=sys.stderr)
+        compiled = measure_compile(bench) if compile_too else None
+
+    result = {name: median(values) for name, values in rounds.items() if name != "end_to_end"}
+    result["end_to_end_epoch"] = median([v["epoch"] for v in rounds["end_to_end"]])
+    result["end_to_end_training"] = median([v["training"] for v in rounds["end_to_end"]])
+    best = result["bare_best"]
+    result["ratio"] = best / result["end_to_end_epoch"]
+    epoch_ms_default = 1000 * 45000 / result["end_to_end_epoch"]
+    result["checkpoint_share_of_default_epoch"] = result["checkpoint_ms"] / epoch_ms_default
+    environment = {"device": str(device), "precision": precision, "channels_last": bench.channels_last,
+                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "cpu": platform.processor() or platform.machine(), "batch_size": config["batch_size"],
+                   "n_images": n_images, "repeats": repeats, "steps": steps}
+    if device.type == "cuda":
+        environment["gpu"] = torch.cuda.get_device_name(device)
+    print_table(result, environment, compiled)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"medians": result, "rounds": rounds, "environment": environment,
+                                     "compile": compiled}, indent=2) + "\n")
+    print(f"saved {out}")
+    print(f"ratio (end-to-end epoch time / bare {precision} step time, per image): {result['ratio']:.3f}")
+
+
+def measure_compile(bench):
+    """torch.compile of the training forward: compile time, then the steady-state rate."""
+    import torch
+
+    model, optimizer = make_model(bench.config, bench.device, bench.channels_last)
+    compiled = torch.compile(model)
+    started = time.perf_counter()
+    train_step(compiled, optimizer, bench.images, bench.labels, bench.device, bench.precision)
+    synchronize(bench.device)
+    compile_seconds = time.perf_counter() - started
+    for _ in range(3):
+        train_step(compiled, optimizer, bench.images, bench.labels, bench.device, bench.precision)
+    rates = [time_images(lambda: bench.bare(compiled, optimizer, bench.precision), bench.n_bare_images,
+                         bench.device) for _ in range(3)]
+    eager = [bench.bare_best() for _ in range(3)]
+    return {"compile_seconds": compile_seconds, "compiled_images_per_second": median(rates),
+            "eager_images_per_second": median(eager)}
+
+
+def print_table(result, environment, compiled):
+    best = result["bare_best"]
+    rows = [
+        ("(a) bare step, fp32, NCHW", result["bare_fp32"]),
+        (f"(a) bare step, {environment['precision']}, "
+         f"{'channels_last' if environment['channels_last'] else 'NCHW'}", best),
+        ("    the same on 1 thread", result["bare_best_one_thread"]),
+        ("(b) training stream alone", result["stream_only"]),
+        ("(c) main loop, training part of the epoch", result["end_to_end_training"]),
+        ("(c) main loop, whole epoch (+ validation, checkpoint, log, curves)", result["end_to_end_epoch"]),
+        ("(e) reference: PIL + per-sample augmentation + DataLoader(2 workers)", result["per_sample_reference"]),
+        ("(f) evaluation", result["evaluation"]),
+    ]
+    print(f"\n{environment['device']} ({environment['cpu']}), {environment['threads']} threads, "
+          f"torch {environment['torch']}, batch {environment['batch_size']}, medians of {environment['repeats']}")
+    print(f"{'':72}{'images/s':>10}{'x best (a)':>12}")
+    for name, rate in rows:
+        print(f"{name:72}{rate:10.0f}{rate / best:12.2f}")
+    print(f"{'(g) one checkpoint (default model + optimizer), ms':72}{result['checkpoint_ms']:10.1f}"
+          f"{'':>4}{100 * result['checkpoint_share_of_default_epoch']:.2f}% of a default epoch")
+    if compiled:
+        print(f"torch.compile: {compiled['compile_seconds']:.1f} s to compile, "
+              f"{compiled['compiled_images_per_second']:.0f} images/s compiled vs "
+              f"{compiled['eager_images_per_second']:.0f} eager")
+    print(f"(d) ratio, whole epoch vs best bare step: {result['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    dispatch(main, description=__doc__)
