@@ -21,6 +21,7 @@ class LoadedRun:
     model: "torch.nn.Module | None"  # noqa: F821
     status: dict
     build_model: object = field(default=None, repr=False)
+    checkpoint: "Path | None" = None  # the file `model` was loaded from
 
     @functools.cached_property
     def best_model(self):
@@ -65,7 +66,8 @@ def load_main_loop(save_path, build_model=None):
         model = _build(config, build_model)
         model.load_state_dict(found[1]["model"])
         model.eval()
-    return LoadedRun(path, config, read_log(path), model, read_status(path, config), build_model)
+    return LoadedRun(path, config, read_log(path), model, read_status(path, config), build_model,
+                     found[0] if found else None)
 
 
 def _build(config, build_model):
@@ -78,11 +80,6 @@ def run_state(path, status):
     """'finished', 'running' (a live process holds the run folder) or 'stopped' (killed, crashed or interrupted)."""
     if status.get("finished"):
         return "finished"
-    try:
-        pid = int((Path(path) / ".lock").read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return "stopped"
     return "running" if _holds_lock(path) else "stopped"
 
 
@@ -145,7 +142,7 @@ def load_runs(folder):
     for path in find_runs(folder):
         try:
             config, metrics = summarize_run(path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             skipped.append((str(path.relative_to(folder)), f"{type(e).__name__}: {e}"))
             continue
         rows.append({"run": str(path.relative_to(folder)) if path != folder else ".", **config, **metrics})

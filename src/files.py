@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from src.errors import RunError
@@ -68,11 +69,18 @@ class RunFolderLock:
         self.path = Path(folder) / ".lock"
         self._fd = None
 
-    def acquire(self):
+    def acquire(self, patience=0.5):
+        """Take the lock, or raise RunError naming its holder; `patience` outlasts a reader's brief probe."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunError(

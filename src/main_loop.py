@@ -206,7 +206,6 @@ class MainLoop:
     def attach_extensions(self):
         t = self.trainer
         t.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
-        t.add_event_handler(Events.ITERATION_COMPLETED(once=t.state.iteration + 1), self.report_start_up)
         t.add_event_handler(Events.ITERATION_STARTED, self.before_step)
         n = self.config["checkpoint_every_n_batches"]
         if n > 0:
@@ -229,6 +228,8 @@ class MainLoop:
         if self.trainer.state.iteration >= self.total_iterations:
             return say_finished(self.folder.path, len(self.progress.log))
         self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration)
+        self.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.trainer.state.iteration + 1),
+                                       self.report_start_up)
         self.stops.in_loop = True
         try:
             self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])

@@ -4,6 +4,7 @@ TensorBoard events go to SAVE_PATH/tensorboard/, keyed by iteration, so `tensorb
 results` shows every run. On resume, events after the checkpoint's iteration are purged, so the
 curves of a resumed run have no doubled segments.
 """
+import sys
 import time
 
 CURVES = "curves.png"
@@ -25,8 +26,10 @@ class Monitors:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Points after the checkpoint's iteration belong to a timeline that was thrown away: every
+            # session marks them as purged (the point at the checkpoint's own iteration stays).
             self._writer = SummaryWriter(log_dir=str(self.folder.path / TENSORBOARD),
-                                         purge_step=self.start_iteration or None)
+                                         purge_step=self.start_iteration + 1)
         return self._writer
 
     def iteration(self, iteration, progress, lr):
@@ -60,4 +63,7 @@ class Monitors:
 
     def close(self):
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as e:  # never hide the error or the signal that ended the run
+                print(f"warning: could not finish the TensorBoard events ({e.strerror or e})", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 The first signal only raises a flag that the main loop checks after each step, so the step in
 flight finishes and a checkpoint is written. Outside the loop (start-up) there is nothing to save,
-so we exit at once. A second signal exits at once too: every file is written atomically, so
-nothing already saved can be damaged by it.
+so we exit at once. A second SIGINT or SIGTERM exits at once too: every file is written
+atomically, so nothing already saved can be damaged by it. A repeated SIGUSR1/SIGUSR2 changes
+nothing: a cluster's warning may reach the run both directly and through its job wrapper.
 """
 import os
 import signal
@@ -35,6 +36,8 @@ class StopRequests:
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name
+        if self.signal_number is not None and number in (signal.SIGUSR1, signal.SIGUSR2):
+            return  # already stopping
         if self.signal_number is not None or not self.in_loop:
             _say(f"\n{name}: exiting now\n")
             os._exit(128 + number)

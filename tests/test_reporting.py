@@ -82,7 +82,7 @@ def test_report_table_shows_differing_keys_and_states(results, data_dir):
     assert by_run["grid/lr_0.2"][columns.index("epochs")] == "4/4"
     assert by_run["stopped"][columns.index("state")] == "stopped"
     assert by_run["stopped"][columns.index("epochs")].endswith("/3")
-    assert by_run["grid/lr_0.1"][columns.index("lr")] == "0.1000"
+    assert by_run["grid/lr_0.1"][columns.index("lr")] == "0.1"  # config values unpadded, metrics 4 decimals
     assert "note: skipped broken" in result.stderr and "notes" not in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -134,16 +134,28 @@ def test_tensorboard_events_read_back(results):
     assert "iteration/lr" in tags
 
 
-def test_tensorboard_has_no_doubled_points_after_resume(results, train_here, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def tensorboard_steps(folder, tag):
+    """Steps of `tag` as TensorBoard's own loader sees them (the one that honours purges)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.step for e in events.Tensors(tag)]
+
+
+def test_tensorboard_has_no_doubled_points_after_a_mid_epoch_resume(results, train_here, tmp_path):
     run = tmp_path / "stopped"
     shutil.copytree(results / "stopped", run)
     resumed = train_here(run, *RESUMABLE)
     assert resumed.returncode == 0, resumed.stderr
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("epoch/valid_acc")] == [15, 30, 45]
+    assert tensorboard_steps(run / "tensorboard", "epoch/valid_acc") == [15, 30, 45]
+
+
+def test_tensorboard_keeps_the_checkpoints_own_point_after_an_epoch_end_resume(train_here, tmp_path):
+    run = tmp_path / "run"
+    assert train_here(run, "--n_epochs=1").returncode == 0
+    assert train_here(run, "--n_epochs=2").returncode == 0  # resumes at iteration 15, an epoch end
+    assert tensorboard_steps(run / "tensorboard", "epoch/valid_acc") == [15, 30]
 
 
 def test_evaluate_writes_per_class_accuracy_and_confusion_matrices(results, evaluate_here, tmp_path):

@@ -46,19 +46,22 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     _, (x_test, y_test) = load_cifar(config["dataset"], data_dir, config["label_mode"])
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     result = {"dataset": config["dataset"], "label_mode": config["label_mode"], "n_test": len(y_test),
-              "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done")}
+              "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done"),
+              "last_model_checkpoint": run.checkpoint.name}
     names = class_names(config["dataset"], config["label_mode"])
     for name, model in models.items():
         if model is None:
             continue
         loss, accuracy, predicted = evaluate(model.to(target), x_test, y_test, target, "fp32")
         matrix = confusion_matrix(y_test.numpy(), predicted.numpy(), len(names))
-        per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+        totals = matrix.sum(axis=1)
+        per_class = np.where(totals > 0, matrix.diagonal() / np.maximum(totals, 1), np.nan)  # nan: no images
         result[f"{name}_test_loss"], result[f"{name}_test_acc"] = loss, accuracy
-        result[f"{name}_per_class_acc"] = dict(zip(names, per_class.tolist(), strict=True))
+        result[f"{name}_per_class_acc"] = {c: (None if a != a else a) for c, a in zip(names, per_class.tolist(),
+                                                                                        strict=True)}
         save_confusion(matrix, names, Path(save_path), name)
         print(f"{name} model: test accuracy {accuracy:.4f}, test loss {loss:.4f} ({len(y_test)} images); "
-              f"worst class {names[per_class.argmin()]} {per_class.min():.4f}")
+              f"worst class {names[np.nanargmin(per_class)]} {np.nanmin(per_class):.4f}")
     write_json(Path(save_path) / RESULT_FILE, result)
     print(f"saved {Path(save_path) / RESULT_FILE} and confusion_test_*.csv/png")
 

@@ -32,16 +32,22 @@ def build_table(runs):
     return table
 
 
-def format_cell(value):
+def format_cell(value, metric):
+    """Metrics with 4 decimals; config values in as few digits as tell them apart (1e-05, 0.05, 32)."""
     if value is None or value != value:  # None or NaN
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if metric else f"{value:.6g}"
     return str(value)
 
 
+def rows_of(table):
+    metric = [column in METRICS for column in table.columns]
+    return [[format_cell(v, m) for v, m in zip(row, metric, strict=True)] for row in table.itertuples(index=False)]
+
+
 def as_text(table):
-    cells = [[str(c) for c in table.columns]] + [[format_cell(v) for v in row] for row in table.itertuples(index=False)]
+    cells = [[str(c) for c in table.columns]] + rows_of(table)
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -49,7 +55,7 @@ def as_text(table):
 
 
 def as_markdown(table):
-    rows = [[str(c) for c in table.columns]] + [[format_cell(v) for v in row] for row in table.itertuples(index=False)]
+    rows = [[str(c) for c in table.columns]] + rows_of(table)
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(table.columns))
     return "\n".join(lines) + "\n"
@@ -73,7 +79,9 @@ def main(results_dir, *, csv=None, markdown=None, sort="run", reverse=False, plo
     table = build_table(found)
     if sort not in table.columns:
         raise UsageError(f"cannot sort by '{sort}'; columns: {', '.join(table.columns)}")
-    table = table.sort_values(sort, ascending=not reverse, na_position="last", kind="stable")
+    order = found["epochs_done"] if sort == "epochs" else table[sort]  # "9/30" before "10/30"
+    table = table.iloc[order.reset_index(drop=True).sort_values(ascending=not reverse, na_position="last",
+                                                                kind="stable").index]
     print(as_text(table), end="")
     if csv:
         table.to_csv(csv, index=False)

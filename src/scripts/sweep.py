@@ -1,0 +1,103 @@
+"""Run a grid of overrides, one run folder per point:
+
+    python src/scripts/sweep.py CONFIG RESULTS_DIR/SWEEP_NAME --n_filters=8,16,32 --lr=0.1,0.05 [--seeds=3]
+
+--backend=local (default) runs --max_parallel points at a time on this machine; --backend=slurm
+submits a Slurm job array (--partition, --time minutes, --gpus, --cpus, --mem GB,
+--array_parallelism). Rerunning the same sweep skips finished points and resumes the others.
+The run table is printed at the end.
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
+
+from src.cli import OneLineErrorParser, exit_codes  # noqa: E402
+from src.errors import UsageError  # noqa: E402
+
+SWEEP_OPTIONS = {
+    "backend": ("local", "local (on this machine) or slurm"),
+    "max_parallel": (1, "local: runs at a time"),
+    "seeds": (0, "add seed = 1..N to the grid"),
+    "partition": ("", "slurm: partition"),
+    "time": (60, "slurm: minutes per job before it is requeued"),
+    "gpus": (0, "slurm: GPUs per job"),
+    "cpus": (4, "slurm: CPUs per job"),
+    "mem": (16, "slurm: memory per job, GB"),
+    "array_parallelism": (8, "slurm: jobs of the array running at once"),
+}
+
+
+def parse(argv):
+    from configs.simple_cnn import simple_cnn_configs
+
+    parser = OneLineErrorParser(description=__doc__, prog="sweep.py")
+    parser.add_argument("config", help="a registered config name or a .json config")
+    parser.add_argument("sweep_dir", help="RESULTS_DIR/SWEEP_NAME: one run folder per point goes here")
+    for name, (default, text) in SWEEP_OPTIONS.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default: {default})")
+    parser.add_argument("--dry_run", action="store_true", help="print the runs and exit")
+    known, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for word in rest:
+        if not word.startswith("--") or "=" not in word:
+            raise UsageError(f"unexpected '{word}': config values are given as --key=value1,value2")
+        key, text = word[2:].split("=", 1)
+        overrides[key] = text
+    if known.backend not in ("local", "slurm"):
+        raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
+    if known.max_parallel < 1:
+        raise UsageError("--max_parallel must be at least 1")
+    simple_cnn_configs.get(known.config)  # an unknown config name fails here, before anything runs
+    return known, overrides, simple_cnn_configs.root
+
+
+@exit_codes
+def main(argv=None):
+    from src.analysis import load_runs
+    from src.files import write_json
+    from src.scripts.report import as_text, build_table
+    from src.sweep import (
+        PLAN,
+        TrainingJob,
+        is_finished,
+        make_executor,
+        plan_sweep,
+        run_local,
+        run_slurm,
+        slurm_parameters,
+    )
+
+    options, overrides, root = parse(sys.argv[1:] if argv is None else argv)
+    sweep_dir = Path(options.sweep_dir)
+    runs = plan_sweep(options.config, sweep_dir, overrides, root, options.seeds)
+    for path, arguments in runs:
+        print(f"{'finished' if is_finished(path) else 'to run  '}  {path}  {' '.join(arguments)}")
+    if options.dry_run:
+        return 0
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
+                                  "runs": {str(path.name): arguments for path, arguments in runs}})
+    to_run = [TrainingJob(options.config, path, arguments) for path, arguments in runs if not is_finished(path)]
+    outcome = {}
+    if to_run:
+        parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
+                                      options.cpus, options.mem, options.array_parallelism)
+        executor = make_executor(options.backend, sweep_dir, parameters)
+        if options.backend == "slurm":
+            outcome = run_slurm(to_run, executor)
+        else:
+            outcome = run_local(to_run, executor, options.max_parallel)
+    table = load_runs(sweep_dir)
+    if not table.empty:
+        print(as_text(build_table(table)), end="")
+    failed = {path: error for path, error in outcome.items() if error}
+    for path, error in failed.items():
+        print(f"failed: {path}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    main()
