@@ -6,7 +6,8 @@ ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
 TRAIN := $(PY) src/scripts/train_simple_CNN.py
 DEMO := scratch/demo
 
-.PHONY: install test lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100
+.PHONY: install test lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
+	sweep_lr_width_local sweep_lr_width_slurm
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +45,12 @@ simple_cnn_cifar10:
 
 simple_cnn_cifar100:
 	$(ENV) $(TRAIN) cifar100 $${RESULTS_DIR:-results}/simple_cnn_cifar100
+
+# Example sweeps (widths x learning rates x 3 seeds); rerun a target to resume it.
+SWEEP_GRID := --n_filters=16,32,64 --lr=0.1,0.05 --seeds=3
+sweep_lr_width_local:
+	$(ENV) $(PY) src/scripts/sweep.py cifar10 $${RESULTS_DIR:-results}/lr_width $(SWEEP_GRID) --max_parallel=1
+
+sweep_lr_width_slurm:
+	$(ENV) $(PY) src/scripts/sweep.py cifar10 $${RESULTS_DIR:-results}/lr_width $(SWEEP_GRID) --backend=slurm \
+		--partition=$${SLURM_PARTITION:-gpu} --time=240 --gpus=1 --cpus=8 --mem=32 --array_parallelism=6

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,14 +79,23 @@ class TrainingJob:
 
     def __init__(self, config, save_path, arguments):
         self.config, self.save_path, self.arguments = config, str(save_path), list(arguments)
-        self._process = None
+        self._process = self._waiter = None
 
     def command(self):
         return [sys.executable, str(TRAIN_SCRIPT), self.config, self.save_path, *self.arguments]
 
-    def __call__(self):
+    def start(self):
+        """Start the run; a thread waits for it, so that the main thread, where submitit's signal handler
+        runs, never sits inside Popen.wait (whose lock a handler calling wait again would deadlock on)."""
         self._process = subprocess.Popen(self.command())
-        code = self._process.wait()
+        self._waiter = threading.Thread(target=self._process.wait, daemon=True)
+        self._waiter.start()
+
+    def __call__(self):
+        self.start()
+        while self._waiter.is_alive():
+            self._waiter.join(0.5)
+        code = self._process.returncode
         if code != 0:
             raise RuntimeError(f"{' '.join(self.command())} exited with {code}; see {self.save_path}/stderr.log")
         return self.save_path
@@ -94,13 +104,14 @@ class TrainingJob:
         """Called by submitit on its time-out/preemption signal: let the run checkpoint, then requeue it."""
         import submitit
 
-        if self._process is not None and self._process.poll() is None:
+        if self._process is not None and self._process.returncode is None:
             self._process.send_signal(signal.SIGUSR2)  # the runner finishes its step and checkpoints
-            self._process.wait()
+            self._waiter.join()
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.save_path, self.arguments))
 
     def __getstate__(self):
-        return {"config": self.config, "save_path": self.save_path, "arguments": self.arguments, "_process": None}
+        return {"config": self.config, "save_path": self.save_path, "arguments": self.arguments,
+                "_process": None, "_waiter": None}
 
 
 def slurm_parameters(name, partition=None, time_min=60, gpus=0, cpus=4, mem_gb=16, array_parallelism=8):

@@ -1,0 +1,154 @@
+"""Sweeps: grid expansion, local execution N at a time, rerun after a kill, preemption and requeue, Slurm jobs."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, RESUMABLE, TINY, assert_identical, script_env, wait_for_mid_epoch_checkpoint
+from configs.simple_cnn import simple_cnn_configs
+from src.errors import UsageError
+from src.sweep import TrainingJob, expand_grid, plan_sweep, slurm_parameters
+
+SWEEP_SCRIPT = REPO / "src" / "scripts" / "sweep.py"
+ROOT = simple_cnn_configs.root
+# TINY and RESUMABLE with n_filters swept: the n_filters=8 point is the session's reference run.
+GRID_ARGS = [w for w in TINY + RESUMABLE if not w.startswith("--n_filters")] + ["--n_filters=8,4"]
+
+
+def sweep(data_dir, *args, wait=True):
+    command = [sys.executable, str(SWEEP_SCRIPT), *map(str, args)]
+    if wait:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=script_env(data_dir),
+                              timeout=300)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=script_env(data_dir), start_new_session=True)
+
+
+def test_grid_expands_every_combination_typed_by_the_root():
+    grid = expand_grid({"n_filters": "8,16", "lr": "0.1,0.05", "augment": "false"}, ROOT, seeds=2)
+    assert len(grid) == 8
+    assert grid[0] == {"n_filters": 8, "lr": 0.1, "augment": False, "seed": 1}
+    assert {type(p["lr"]) for p in grid} == {float}
+    assert expand_grid({"n_layers": "2"}, ROOT) == [{"n_layers": 2}]
+    with pytest.raises(UsageError, match="did you mean --n_filters"):
+        expand_grid({"n_filter": "8,16"}, ROOT)
+    with pytest.raises(UsageError, match="expected int"):
+        expand_grid({"n_filters": "8,x"}, ROOT)
+    with pytest.raises(UsageError, match="not both"):
+        expand_grid({"seed": "1,2"}, ROOT, seeds=2)
+
+
+def test_each_point_gets_a_folder_named_from_what_varies(tmp_path):
+    runs = plan_sweep("cifar10", tmp_path, {"n_filters": "8,16", "lr": "0.1", "batch_norm": "true,false"}, ROOT)
+    names = [path.name for path, _ in runs]
+    assert names == ["n_filters=8-batch_norm=true", "n_filters=8-batch_norm=false",
+                     "n_filters=16-batch_norm=true", "n_filters=16-batch_norm=false"]
+    assert runs[0][1] == ["--n_filters=8", "--lr=0.1", "--batch_norm=true"]
+    with pytest.raises(UsageError, match="share a folder"):
+        plan_sweep("cifar10", tmp_path, {"n_filters": "8,8"}, ROOT)
+
+
+def test_local_sweep_runs_two_at_a_time_and_a_rerun_skips_finished_runs(data_dir, tmp_path):
+    sweep_dir = tmp_path / "grid"
+    args = ["cifar10", sweep_dir, *TINY, "--n_filters=4,8", "--lr=0.1,0.05", "--n_epochs=1", "--max_parallel=2"]
+    first = sweep(data_dir, *args)
+    assert first.returncode == 0, first.stderr
+    names = sorted(p.name for p in sweep_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
+    assert names == ["n_filters=4-lr=0.05", "n_filters=4-lr=0.1", "n_filters=8-lr=0.05", "n_filters=8-lr=0.1"]
+    assert first.stdout.count("started ") == 4
+    table = first.stdout[first.stdout.index("run "):]
+    assert table.count("finished") == 4 and "lr" in table.splitlines()[0]
+    again = sweep(data_dir, *args)
+    assert again.returncode == 0, again.stderr
+    plan = [line for line in again.stdout.splitlines() if str(sweep_dir) in line]
+    assert len(plan) == 4 and all(line.startswith("finished") for line in plan)
+    assert "started " not in again.stdout
+
+
+def test_sweep_killed_midway_resumes_where_it_stopped(reference_run, data_dir, tmp_path):
+    sweep_dir = tmp_path / "grid"
+    args = ["cifar10", sweep_dir, *GRID_ARGS, "--max_parallel=1"]
+    process = sweep(data_dir, *args, wait=False)
+    wait_for_mid_epoch_checkpoint(process, sweep_dir / "n_filters=8")
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep, its submitit job and the run, as a lost node would
+    process.wait()
+    assert not (sweep_dir / "n_filters=4").exists() or not list((sweep_dir / "n_filters=4").glob("status.json"))
+    rerun = sweep(data_dir, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in (sweep_dir / "n_filters=8" / "stdout.log").read_text()
+    assert_identical(reference_run, sweep_dir / "n_filters=8")
+    assert (sweep_dir / "n_filters=4" / "status.json").exists()
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(reference_run, data_dir, tmp_path, monkeypatch):
+    """Under submitit's own local executor, the warning signal must lead to checkpoint, requeue, exact resume."""
+    import submitit
+
+    for key, value in script_env(data_dir).items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(TrainingJob("cifar10", run, TINY + RESUMABLE))
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints").is_dir() or not list((run / "checkpoints").glob("checkpoint_*.pt")):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.01)
+    # What Slurm's --signal=USR2@N (and submitit's local controller, near its time-out) does: the warning
+    # signal to the job's task process, where submitit's handler calls TrainingJob.checkpoint().
+    controller = job._process.pid
+    task = int(open(f"/proc/{controller}/task/{controller}/children").read().split()[0])
+    os.kill(task, signal.SIGUSR2)
+    while not job.done():
+        assert time.monotonic() < deadline + 120
+        time.sleep(0.1)
+    assert job.result() == str(run)
+    printed = (run / "stderr.log").read_text()
+    assert "stopped at iteration" in printed  # the run checkpointed on the signal, then exited
+    assert "resuming from" in (run / "stdout.log").read_text()
+    assert_identical(reference_run, run)
+
+
+def test_slurm_job_array_parameters(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    parameters = slurm_parameters("grid", partition="gpu", time_min=240, gpus=1, cpus=8, mem_gb=32,
+                                  array_parallelism=3)
+    assert parameters["slurm_partition"] == "gpu" and parameters["gpus_per_node"] == 1
+    assert parameters["timeout_min"] == 240 and parameters["slurm_array_parallelism"] == 3
+    sbatch = _make_sbatch_string(
+        command="python job.py", folder=tmp_path, job_name="grid", partition="gpu", time=240, gpus_per_node=1,
+        cpus_per_task=8, mem="32GB", ntasks_per_node=1, nodes=1, signal_delay_s=parameters["slurm_signal_delay_s"],
+        array_parallelism=3, map_count=4, additional_parameters=parameters["slurm_additional_parameters"])
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --array=0-3%3",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue"):
+        assert line in sbatch, line
+    assert "gpus_per_node" not in slurm_parameters("cpu-only")
+
+
+def test_the_job_passes_the_warning_on_and_asks_to_be_requeued(tmp_path):
+    """The Slurm path without Slurm: checkpoint() forwards SIGUSR2 to the run and returns its requeue."""
+    job = TrainingJob("cifar10", tmp_path / "run", ["--n_epochs=2"])
+    ready = tmp_path / "ready"
+    fake_run = [sys.executable, "-c", "import pathlib,signal,sys,time\n"
+                "signal.signal(signal.SIGUSR2, lambda *a: sys.exit(140))\n"
+                f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)"]
+    job.command = lambda: fake_run
+    job.start()
+    while not ready.exists():
+        time.sleep(0.01)
+    requeued = job.checkpoint()
+    assert job._process.returncode == 140
+    assert requeued.function.arguments == job.arguments and requeued.function._process is None
+
+
+def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
+    for args in (["cifar10", tmp_path, "--n_filter=4,8"], ["cifar10", tmp_path, "--backend=cloud"],
+                 ["nope", tmp_path, "--lr=0.1"], ["cifar10", tmp_path, "stray"]):
+        result = sweep(data_dir, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
