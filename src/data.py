@@ -227,7 +227,7 @@ def split_train_valid(n_train, valid_size, n_examples, seed):
 
 
 def get_cifar(which, augment, batch_size, seed, device, valid_size=5000, n_examples=-1,
-              label_mode="fine", data_dir=None):
+              label_mode="fine", data_dir=None, shard=(0, 1)):
     """-> (training stream, (x_valid, y_valid)) on `device`. Never the test set."""
     import torch
 
@@ -239,7 +239,7 @@ def get_cifar(which, augment, batch_size, seed, device, valid_size=5000, n_examp
         indices = torch.from_numpy(np.sort(indices))
         return x.index_select(0, indices), y.index_select(0, indices)
 
-    stream = TrainStream(*pick(train), batch_size, seed, augment, device)
+    stream = TrainStream(*pick(train), batch_size, seed, augment, device, shard)
     x_valid, y_valid = pick(valid)
     return stream, (x_valid.to(device), y_valid.to(device))
 
@@ -249,16 +249,21 @@ class TrainStream:
 
     Order and augmentation are pure functions of (seed, epoch, batch): `epoch(e, start_batch=b)`
     yields exactly what an uninterrupted epoch yields from batch b on. The last partial batch of
-    each epoch's permutation is dropped (a different remainder each epoch).
+    each epoch's permutation is dropped (a different remainder each epoch). With `shard=(rank,
+    world_size)` it yields that rank's contiguous slice of every global batch, augmented exactly as
+    a single process would augment those images.
     """
 
-    def __init__(self, images, labels, batch_size, seed, augment, device):
+    def __init__(self, images, labels, batch_size, seed, augment, device, shard=(0, 1)):
         import torch
 
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = min(batch_size, len(images))
         self.seed, self.augment, self.device = seed, augment, torch.device(device)
+        rank, world_size = shard
+        per_rank = self.batch_size // world_size
+        self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self.mean, self.std = channel_mean_std(self.images)
 
     def __len__(self):
@@ -270,7 +275,7 @@ class TrainStream:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_ORDER, epoch))
         order = torch.randperm(len(self.images), generator=generator).to(self.device)
         for b in range(start_batch, len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            index = order[b * self.batch_size:(b + 1) * self.batch_size][self.mine]
             x = self.images[index]
             if self.augment:
                 x = self._augment(x, epoch, b)
@@ -282,9 +287,10 @@ class TrainStream:
         import torch.nn.functional as F
 
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_AUGMENT, epoch, batch))
+        # Drawn for the whole global batch, then this rank's rows: sharding never changes an image's draw.
+        shifts = torch.randint(0, 9, (self.batch_size, 2), generator=generator)[self.mine].to(self.device)
+        flips = (torch.rand(self.batch_size, generator=generator) < 0.5)[self.mine].to(self.device)
         n, _, h, w = x.shape
-        shifts = torch.randint(0, 9, (n, 2), generator=generator).to(self.device)
-        flips = (torch.rand(n, generator=generator) < 0.5).to(self.device)
         padded = F.pad(x, (4, 4, 4, 4))
         c, ph, pw = padded.shape[1:]
         rows = shifts[:, 0, None] + torch.arange(h, device=self.device)  # (n, h)

@@ -28,16 +28,18 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from src import distributed
 from src.checkpoint import (
     AtomicDiskSaver,
     CorruptCheckpoint,
     checkpoint_iteration,
     list_checkpoints,
     load_newest,
+    load_tensors,
     save_tensors,
 )
 from src.data import derive_seed, get_cifar
-from src.errors import RunError
+from src.errors import RunError, UsageError
 from src.evaluation import evaluate
 from src.hardware import autocast, choose_device, choose_precision
 from src.monitoring import Monitors
@@ -47,6 +49,7 @@ from src.signals import StopRequests
 SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
 LOG_EVERY = 50  # iterations between reads of the NaN flag and TensorBoard points (one host sync each)
+AGREE_EVERY = 10  # under torchrun: iterations between pooled decisions to stop or checkpoint
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
 
@@ -68,8 +71,9 @@ class Progress:
     resumed mid-way reports the same training loss as one never interrupted.
     """
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, rank=0):
+        self.device, self.rank = device, rank
+        self.all_sums = None
         self.log = []
         self.best_valid_acc = None
         self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
@@ -94,16 +98,22 @@ class Progress:
     def train_seconds(self):
         return self.seconds_before + time.perf_counter() - self.started
 
+    def sums(self):
+        """This rank's (loss sum, correct, count) as one float64 tensor (exact for counts below 2**53)."""
+        return torch.stack([self.loss_sum, self.correct.double(),
+                            torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+
     def state_dict(self):
-        return {"log": self.log, "best_valid_acc": self.best_valid_acc, "loss_sum": self.loss_sum.cpu(),
-                "correct": self.correct.cpu(), "count": self.count, "seconds_before": self.train_seconds()}
+        """Every rank's sums (`all_sums`, gathered by the main loop just before it saves), so that each
+        rank resumes its own: summing them first would change the float rounding of the epoch's loss."""
+        return {"log": self.log, "best_valid_acc": self.best_valid_acc, "rank_sums": self.all_sums,
+                "seconds_before": self.train_seconds()}
 
     def load_state_dict(self, state):
         self.log = list(state["log"])
         self.best_valid_acc = state["best_valid_acc"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.correct = state["correct"].to(self.device)
-        self.count = state["count"]
+        loss_sum, correct, count = state["rank_sums"][self.rank].to(self.device)
+        self.loss_sum, self.correct, self.count = loss_sum.clone(), correct.to(torch.int64), int(count)
         self.seconds_before = state["seconds_before"]
 
 
@@ -126,33 +136,78 @@ class EpochData:
 
 
 def run_main_loop(config, save_path, build_model):
-    """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code."""
-    with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
-        stops = cleanup.enter_context(StopRequests())
-        folder = cleanup.enter_context(RunFolder(save_path))
+    """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code.
+
+    Under torchrun, every rank runs this; rank 0 alone owns the run folder (lock, files, output).
+    """
+    ranks = distributed.from_environment()
+    try:
+        with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
+            stops = cleanup.enter_context(StopRequests())
+            folder = RunFolder(save_path)
+            verdict = ranks.broadcast(open_run_folder(folder, config, cleanup) if ranks.is_main else None)
+            if verdict is not None:  # rank 0 said it or raised it already; the others leave with its code
+                return verdict if ranks.is_main else (verdict if isinstance(verdict, int) else 1)
+            if ranks.is_main:
+                cleanup.enter_context(folder.copy_output())
+            if config["num_threads"]:
+                torch.set_num_threads(config["num_threads"])
+            device = choose_device(ranks.device_name(config["device"]))
+            precision = choose_precision(config["precision"], device)
+            if ranks.is_main:
+                folder.record_session(device, precision, ranks.world_size)
+            if config["batch_size"] % ranks.world_size:
+                raise UsageError(f"--batch_size={config['batch_size']} (the global batch) must divide evenly "
+                                 f"among {ranks.world_size} processes")
+            stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
+                                      device, config["valid_size"], config["n_examples"], config["label_mode"],
+                                      shard=(ranks.rank, ranks.world_size))
+            model, optimizer = build_training_model(config, build_model, stream, device, precision)
+            loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks)
+            return loop.run()
+    finally:
+        ranks.close()
+
+
+def open_run_folder(folder, config, cleanup):
+    """Rank 0: take the folder, check the config; None to go on, else the exit code (errors as text)."""
+    try:
+        cleanup.enter_context(folder)
         folder.check_config(config)
         status = folder.read_status()
         if status and status["epochs_done"] >= config["n_epochs"]:
-            return say_finished(save_path, status["epochs_done"])
+            return say_finished(folder.path, status["epochs_done"])
         folder.save_config(config)
-        cleanup.enter_context(folder.copy_output())
-        if config["num_threads"]:
-            torch.set_num_threads(config["num_threads"])
-        device = choose_device(config["device"])
-        precision = choose_precision(config["precision"], device)
-        folder.record_session(device, precision)
-        stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
-                                  device, config["valid_size"], config["n_examples"], config["label_mode"])
-        torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
-        model = build_model(config)
-        model[0].set_statistics(stream.mean, stream.std)
-        channels_last = device.type == "cuda" or precision == "bf16"
-        model[0].channels_last = channels_last
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                    weight_decay=config["weight_decay"])
-        loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops)
-        return loop.run()
+    except (UsageError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return None
+
+
+def build_training_model(config, build_model, stream, device, precision):
+    """The model with its input statistics, on the device, in the fastest memory format; and its optimizer."""
+    torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
+    model = build_model(config)
+    model[0].set_statistics(stream.mean, stream.std)
+    channels_last = device.type == "cuda" or precision == "bf16"
+    model[0].channels_last = channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                weight_decay=config["weight_decay"])
+    return model, optimizer
+
+
+def data_parallel(model, device, ranks):
+    """DistributedDataParallel under torchrun (batch norm synchronised across GPUs; on CPUs, where
+    SyncBatchNorm does not run, each rank normalises its own slice); the model itself otherwise."""
+    if ranks.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
 
 
 @contextlib.contextmanager
@@ -173,13 +228,16 @@ def say_finished(save_path, epochs_done):
 
 
 class MainLoop:
-    def __init__(self, config, folder, model, optimizer, stream, valid, device, precision, stops):
+    def __init__(self, config, folder, model, optimizer, stream, valid, device, precision, stops, ranks):
         self.config, self.folder, self.model, self.optimizer = config, folder, model, optimizer
         self.stream, self.valid, self.device, self.precision, self.stops = stream, valid, device, precision, stops
-        # The compiled module shares its parameters with `model`, which checkpoints and evaluation use.
-        self.forward = torch.compile(model) if config["compile"] else model
+        self.ranks = ranks
+        # The wrappers share their parameters with `model`, which checkpoints and evaluation use.
+        self.forward = data_parallel(model, device, ranks)
+        if config["compile"]:
+            self.forward = torch.compile(self.forward)
         self.trainer = Engine(self.step)
-        self.progress = Progress(device)
+        self.progress = Progress(device, ranks.rank)
         self.checkpointer = Checkpoint(
             {"model": model, "optimizer": optimizer, "trainer": self.trainer, "progress": self.progress},
             AtomicDiskSaver(folder.checkpoints), filename_prefix="", n_saved=2,
@@ -217,7 +275,7 @@ class MainLoop:
         t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.stop_if_asked, mid_epoch=False)
         t.add_event_handler(Events.COMPLETED, self.save)
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and self.ranks.is_main:
             from ignite.handlers import ProgressBar
 
             self.bar = ProgressBar(persist=False)
@@ -227,7 +285,8 @@ class MainLoop:
         self.resume()
         if self.trainer.state.iteration >= self.total_iterations:
             return say_finished(self.folder.path, len(self.progress.log))
-        self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration)
+        self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration,
+                                 enabled=self.ranks.is_main)
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.trainer.state.iteration + 1),
                                        self.report_start_up)
         self.stops.in_loop = True
@@ -237,21 +296,28 @@ class MainLoop:
             self.stops.in_loop = False
             self.monitors.close()
         if self.stops.requested and self.trainer.state.iteration < self.total_iterations:
-            print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
-                  "rerun the same command to resume", file=sys.stderr)
+            if self.ranks.is_main:
+                print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
+                      "rerun the same command to resume", file=sys.stderr)
             return self.stops.exit_code
         self.say(f"finished {self.config['n_epochs']} epochs in {self.folder.path}")
         return 0
 
     def resume(self):
         """Load the newest whole checkpoint into everything that has state; False when starting afresh."""
-        try:
-            found = load_newest(self.folder.checkpoints, CHECKPOINT_KEYS, warn=self.say, set_aside=True)
-        except CorruptCheckpoint as e:
-            raise RunError(str(e)) from None
-        if found is None:
+        choice = None
+        if self.ranks.is_main:  # rank 0 picks the checkpoint (and sets damaged ones aside); the others follow
+            try:
+                found = load_newest(self.folder.checkpoints, CHECKPOINT_KEYS, warn=self.say, set_aside=True)
+                choice = found and str(found[0])
+            except CorruptCheckpoint as e:
+                choice = RunError(str(e))
+        choice = self.ranks.broadcast(choice)
+        if isinstance(choice, RunError):
+            raise choice
+        if choice is None:
             return False
-        path, contents = found
+        path, contents = (found if self.ranks.is_main else (Path(choice), load_tensors(choice)))
         saved_length = contents["trainer"]["epoch_length"]
         if saved_length != len(self.stream):
             raise RunError(f"{path} was made with {saved_length} batches per epoch, the data now gives "
@@ -268,8 +334,9 @@ class MainLoop:
         self.checkpointer.load_state_dict({"_saved": kept})
         self.saved_at = (self.trainer.state.iteration, len(self.progress.log))
         # A kill between a checkpoint and its log.jsonl/status.json leaves those behind: rebuild them.
-        with disk_errors_stop_training(self.folder.path):
-            self.folder.write_progress(self.progress.log, self.status())
+        if self.ranks.is_main:
+            with disk_errors_stop_training(self.folder.path):
+                self.folder.write_progress(self.progress.log, self.status())
         self.say(f"resuming from {path} (epoch {len(self.progress.log)}, iteration {self.trainer.state.iteration})")
         return True
 
@@ -280,7 +347,8 @@ class MainLoop:
 
     def before_step(self, engine):
         iteration = engine.state.iteration
-        torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration))
+        ranks = () if self.ranks.world_size == 1 else (self.ranks.rank,)  # each rank its own dropout masks
+        torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration, *ranks))
         lr = learning_rate(self.config, iteration, self.total_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -298,12 +366,23 @@ class MainLoop:
         if not self.at_epoch_end(engine):
             self.save(engine)
 
+    def agreed(self, engine, flag, mid_epoch=True):
+        """A decision every rank takes together: one process alone cannot checkpoint or stop. Under
+        torchrun, mid-epoch decisions are pooled every AGREE_EVERY steps (one small collective)."""
+        if self.ranks.world_size == 1:
+            return flag
+        if mid_epoch and engine.state.iteration % AGREE_EVERY:
+            return False
+        return self.ranks.any(flag)
+
     def save_if_due(self, engine):
-        if time.monotonic() - self.last_save_time >= self.config["checkpoint_every_seconds"]:
+        if self.agreed(engine, time.monotonic() - self.last_save_time >= self.config["checkpoint_every_seconds"]):
             self.save_mid_epoch(engine)
 
     def stop_if_asked(self, engine, mid_epoch):
-        if self.stops.requested and not (mid_epoch and self.at_epoch_end(engine)):
+        if mid_epoch and self.at_epoch_end(engine):
+            return  # the epoch's end comes first, then this is asked again
+        if self.agreed(engine, self.stops.requested, mid_epoch):
             self.save(engine)
             engine.terminate(skip_completed=True)
 
@@ -313,15 +392,18 @@ class MainLoop:
             return
         self.stop_if_loss_not_finite()
         self.stop_if_weights_not_finite(engine.state.iteration)
-        with disk_errors_stop_training(self.folder.path):
-            self.checkpointer(engine)
-            self.folder.write_progress(self.progress.log, self.status())
+        self.progress.all_sums = self.ranks.gather(self.progress.sums())
+        if self.ranks.is_main:
+            with disk_errors_stop_training(self.folder.path):
+                self.checkpointer(engine)
+                self.folder.write_progress(self.progress.log, self.status())
         self.saved_at = here
         self.last_save_time = time.monotonic()
 
     def stop_if_loss_not_finite(self):
         """Never checkpoint weights that a NaN or inf loss has reached; keep the last good checkpoint."""
-        bad = int(self.progress.first_bad)
+        bad = int(max(self.ranks.gather(self.progress.first_bad.reshape(1)))) if self.ranks.world_size > 1 \
+            else int(self.progress.first_bad)
         if bad:
             last = f"iteration {self.saved_at[0]}" if self.saved_at else "none"
             raise RunError(f"the training loss became NaN or infinite at iteration {bad}; stopped without saving "
@@ -336,7 +418,7 @@ class MainLoop:
 
     def log_now_and_then(self, engine):
         self.stop_if_loss_not_finite()
-        self.monitors.iteration(engine.state.iteration, self.progress, self.optimizer.param_groups[0]["lr"])
+        self.monitors.iteration(engine.state.iteration, self.progress, self.optimizer.param_groups[0]["lr"])  # rank 0
 
     def status(self):
         iteration = self.trainer.state.iteration
@@ -355,8 +437,8 @@ class MainLoop:
         p = self.progress
         self.stop_if_loss_not_finite()
         self.stop_if_weights_not_finite(engine.state.iteration)  # before they can become the best model
-        train_loss = p.loss_sum.item() / p.count  # the one host sync of the epoch
-        train_acc = p.correct.item() / p.count
+        loss_sum, correct, count = self.ranks.sum(p.sums()).tolist()  # the one host sync of the epoch
+        train_loss, train_acc = loss_sum / count, correct / count
         train_seconds = p.train_seconds()
         valid_started = time.perf_counter()
         valid_loss = valid_acc = None
@@ -372,19 +454,22 @@ class MainLoop:
             "valid_acc": valid_acc,
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
-            "images_per_second": p.count / train_seconds,
+            "images_per_second": count / train_seconds,
             "finished_at": time.time(),
         }
         p.log.append(row)
         if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
             p.best_valid_acc = valid_acc
-            with disk_errors_stop_training(self.folder.path):
-                save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
+            if self.ranks.is_main:
+                with disk_errors_stop_training(self.folder.path):
+                    save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
         self.save(engine)
         self.monitors.epoch(p.log)
 
     def say(self, line):
+        if not self.ranks.is_main:
+            return
         if self.bar is not None:
             self.bar.log_message(line)
         else:

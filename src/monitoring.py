@@ -13,9 +13,10 @@ EPOCH_SCALARS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "im
 
 
 class Monitors:
-    def __init__(self, folder, tensorboard, start_iteration):
-        self.folder = folder
-        self.tensorboard = tensorboard
+    def __init__(self, folder, tensorboard, start_iteration, enabled=True):
+        """`enabled` False (ranks other than 0): write nothing at all."""
+        self.folder, self.enabled = folder, enabled
+        self.tensorboard = tensorboard and enabled
         self.start_iteration = start_iteration
         self._writer = None
         self._last = (start_iteration, time.perf_counter())
@@ -48,6 +49,8 @@ class Monitors:
 
     def epoch(self, log):
         """Epoch scalars to TensorBoard, and curves.png redrawn from the whole log."""
+        if not self.enabled:
+            return
         import pandas as pd
 
         from src.plots import plot_curves

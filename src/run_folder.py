@@ -83,7 +83,7 @@ class RunFolder:
         atomic_write(self.path / LOG, lambda f: f.write(text.encode()))
         write_json(self.path / STATUS, status)
 
-    def record_session(self, device, precision):
+    def record_session(self, device, precision, world_size=1):
         """Append this session (command, commit, host, versions, device) to meta.json."""
         import ignite
         import torch
@@ -99,6 +99,7 @@ class RunFolder:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "precision": precision,
             "threads": torch.get_num_threads(),
+            "processes": world_size,
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "pid": os.getpid(),
         }

@@ -1,0 +1,85 @@
+"""Who this process is in a data-parallel run, and the few collectives the main loop needs.
+
+Under `torchrun --nproc_per_node=N`, each process (rank) trains on its slice of every global
+batch; gradients are averaged by DistributedDataParallel. Without torchrun everything here is a
+no-op, so single-process training pays nothing for it.
+"""
+import os
+
+
+class SingleProcess:
+    rank, world_size, is_main = 0, 1, True
+
+    def device_name(self, requested):
+        return requested
+
+    def broadcast(self, obj):
+        return obj
+
+    def sum(self, tensor):
+        return tensor
+
+    def any(self, flag):
+        return bool(flag)
+
+    def gather(self, tensor):
+        return [tensor]
+
+    def close(self):
+        pass
+
+
+class TorchrunProcess:
+    def __init__(self):
+        import torch
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device(f"cuda:{self.local_rank}") if backend == "nccl" else torch.device("cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)  # so that "cuda" means this rank's GPU
+
+    def device_name(self, requested):
+        """Each rank on its own GPU (LOCAL_RANK), or all on the CPU."""
+        return "cuda" if requested in ("auto", "cuda") and self.device.type == "cuda" else requested
+
+    def broadcast(self, obj):
+        """rank 0's `obj`, on every rank."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, tensor):
+        total = tensor.to(self.device).clone()
+        self.dist.all_reduce(total)
+        return total.to(tensor.device)
+
+    def any(self, flag):
+        """True on every rank if it is True on any: decisions (stop, checkpoint) are taken together."""
+        import torch
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, tensor):
+        """Every rank's `tensor` (same shape), in rank order, on every rank."""
+        import torch
+
+        pieces = [torch.empty_like(tensor, device=self.device) for _ in range(self.world_size)]
+        self.dist.all_gather(pieces, tensor.to(self.device))
+        return [piece.cpu() for piece in pieces]
+
+    def close(self):
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def from_environment():
+    """TorchrunProcess when started by torchrun with more than one process, else SingleProcess."""
+    return TorchrunProcess() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else SingleProcess()
