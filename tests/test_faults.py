@@ -148,3 +148,13 @@ def test_weights_driven_to_infinity_are_never_saved(train_here, tmp_path):
     assert "the weights became NaN or infinite at iteration 16;" in result.stderr
     assert "last checkpoint: iteration 15" in result.stderr
     assert list_checkpoints(run / "checkpoints")[0] == newest
+
+
+def test_time_based_checkpoints_land_mid_epoch(train_here, tmp_path):
+    """checkpoint_every_seconds alone (no batch count) must checkpoint inside an epoch, not only at its end."""
+    timed = tmp_path / "timed"
+    assert train_here(timed, "--n_epochs=1", "--checkpoint_every_seconds=1e-9").returncode == 0
+    assert [checkpoint_iteration(p) for p in list_checkpoints(timed / "checkpoints")] == [15, 14]
+    untimed = tmp_path / "untimed"
+    assert train_here(untimed, "--n_epochs=1").returncode == 0  # TINY turns the timer off
+    assert [checkpoint_iteration(p) for p in list_checkpoints(untimed / "checkpoints")] == [15]
