@@ -30,13 +30,19 @@ class SingleProcess:
 
 
 class TorchrunProcess:
-    def __init__(self):
+    def __init__(self, requested_device="auto"):
         import torch
         import torch.distributed as dist
 
+        from src.errors import UsageError
+
         self.dist = dist
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        use_gpus = requested_device != "cpu" and torch.cuda.is_available()
+        if use_gpus and self.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"{torch.cuda.device_count()} GPUs visible but this is local rank {self.local_rank}: "
+                             "use --nproc_per_node at most the number of GPUs, or --device=cpu")
+        backend = "nccl" if use_gpus else "gloo"
         dist.init_process_group(backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -46,7 +52,7 @@ class TorchrunProcess:
 
     def device_name(self, requested):
         """Each rank on its own GPU (LOCAL_RANK), or all on the CPU."""
-        return "cuda" if requested in ("auto", "cuda") and self.device.type == "cuda" else requested
+        return f"cuda:{self.local_rank}" if requested in ("auto", "cuda") and self.device.type == "cuda" else requested
 
     def broadcast(self, obj):
         """rank 0's `obj`, on every rank."""
@@ -80,6 +86,6 @@ class TorchrunProcess:
             self.dist.destroy_process_group()
 
 
-def from_environment():
+def from_environment(requested_device="auto"):
     """TorchrunProcess when started by torchrun with more than one process, else SingleProcess."""
-    return TorchrunProcess() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else SingleProcess()
+    return TorchrunProcess(requested_device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else SingleProcess()

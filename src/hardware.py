@@ -11,7 +11,7 @@ def choose_device(name):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise RunError("--device=cuda but no CUDA GPU is visible to PyTorch; use --device=cpu or auto")
     return torch.device(name)
 

@@ -38,7 +38,7 @@ from src.checkpoint import (
     load_tensors,
     save_tensors,
 )
-from src.data import derive_seed, get_cifar
+from src.data import derive_seed, get_cifar, load_cifar
 from src.errors import RunError, UsageError
 from src.evaluation import evaluate
 from src.hardware import autocast, choose_device, choose_precision
@@ -71,8 +71,8 @@ class Progress:
     resumed mid-way reports the same training loss as one never interrupted.
     """
 
-    def __init__(self, device, rank=0):
-        self.device, self.rank = device, rank
+    def __init__(self, device, rank=0, world_size=1):
+        self.device, self.rank, self.world_size = device, rank, world_size
         self.all_sums = None
         self.log = []
         self.best_valid_acc = None
@@ -112,7 +112,10 @@ class Progress:
     def load_state_dict(self, state):
         self.log = list(state["log"])
         self.best_valid_acc = state["best_valid_acc"]
-        loss_sum, correct, count = state["rank_sums"][self.rank].to(self.device)
+        sums = state["rank_sums"]
+        if len(sums) != self.world_size:  # another number of processes: rank 0 carries the epoch so far
+            sums = [sum(sums)] + [torch.zeros_like(sums[0])] * (self.world_size - 1)
+        loss_sum, correct, count = sums[self.rank].to(self.device)
         self.loss_sum, self.correct, self.count = loss_sum.clone(), correct.to(torch.int64), int(count)
         self.seconds_before = state["seconds_before"]
 
@@ -140,7 +143,7 @@ def run_main_loop(config, save_path, build_model):
 
     Under torchrun, every rank runs this; rank 0 alone owns the run folder (lock, files, output).
     """
-    ranks = distributed.from_environment()
+    ranks = distributed.from_environment(config["device"])
     try:
         with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
             stops = cleanup.enter_context(StopRequests())
@@ -156,12 +159,16 @@ def run_main_loop(config, save_path, build_model):
             precision = choose_precision(config["precision"], device)
             if ranks.is_main:
                 folder.record_session(device, precision, ranks.world_size)
-            if config["batch_size"] % ranks.world_size:
-                raise UsageError(f"--batch_size={config['batch_size']} (the global batch) must divide evenly "
-                                 f"among {ranks.world_size} processes")
+            if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
+                if ranks.is_main:
+                    load_cifar(config["dataset"], label_mode=config["label_mode"])
+                ranks.broadcast(None)
             stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
                                       device, config["valid_size"], config["n_examples"], config["label_mode"],
                                       shard=(ranks.rank, ranks.world_size))
+            if stream.batch_size % ranks.world_size:
+                raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
+                                 f"{ranks.world_size} processes: change --batch_size")
             model, optimizer = build_training_model(config, build_model, stream, device, precision)
             loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks)
             return loop.run()
@@ -237,7 +244,7 @@ class MainLoop:
         if config["compile"]:
             self.forward = torch.compile(self.forward)
         self.trainer = Engine(self.step)
-        self.progress = Progress(device, ranks.rank)
+        self.progress = Progress(device, ranks.rank, ranks.world_size)
         self.checkpointer = Checkpoint(
             {"model": model, "optimizer": optimizer, "trainer": self.trainer, "progress": self.progress},
             AtomicDiskSaver(folder.checkpoints), filename_prefix="", n_saved=2,

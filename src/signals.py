@@ -2,9 +2,10 @@
 
 The first signal only raises a flag that the main loop checks after each step, so the step in
 flight finishes and a checkpoint is written. Outside the loop (start-up) there is nothing to save,
-so we exit at once. A second SIGINT or SIGTERM exits at once too: every file is written
-atomically, so nothing already saved can be damaged by it. A repeated SIGUSR1/SIGUSR2 changes
-nothing: a cluster's warning may reach the run both directly and through its job wrapper.
+so we exit at once. A second Ctrl-C (SIGINT) exits at once too: every file is written atomically,
+so nothing already saved can be damaged by it. A repeated SIGTERM, SIGUSR1 or SIGUSR2 changes
+nothing: a cluster's signal often reaches a run twice, directly and through torchrun or a job
+wrapper, and must not cut its checkpoint short.
 """
 import os
 import signal
@@ -36,7 +37,7 @@ class StopRequests:
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name
-        if self.signal_number is not None and number in (signal.SIGUSR1, signal.SIGUSR2):
+        if self.signal_number is not None and number != signal.SIGINT:
             return  # already stopping
         if self.signal_number is not None or not self.in_loop:
             _say(f"\n{name}: exiting now\n")

@@ -9,6 +9,7 @@ requeues the job, which then resumes the run.
 """
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from src.errors import UsageError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_simple_CNN.py"
 PLAN = "sweep.json"
+UNLIMITED = 10**6
 
 
 def split_values(key, text, root):
@@ -53,32 +55,39 @@ def _text(value):
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
-def plan_sweep(config, sweep_dir, overrides, root, seeds=0):
-    """-> [(run folder, [--key=value, ...])] for every point of the grid."""
+def plan_sweep(config, sweep_dir, overrides, root, seeds=0, base=None):
+    """-> [(run folder, [--key=value, ...], resolved config)] for every point of the grid; `base`
+    is the named config the overrides apply to (default: the root)."""
     grid = expand_grid(overrides, root, seeds)
     varying = {key for key in grid[0] if len({_text(point[key]) for point in grid}) > 1}
     runs = []
     for point in grid:
         arguments = [f"--{key}={_text(value)}" for key, value in point.items()]
-        runs.append((Path(sweep_dir) / point_name(point, varying), arguments))
-    names = [path.name for path, _ in runs]
+        runs.append((Path(sweep_dir) / point_name(point, varying), arguments, {**(base or root), **point}))
+    names = [path.name for path, _, _ in runs]
     if len(set(names)) != len(names):
         raise UsageError("two grid points would share a folder: give each value only once")
     return runs
 
 
-def is_finished(run_dir):
+def is_finished(run_dir, expected_config):
+    """Finished with exactly this config; anything else (a raised n_epochs, a changed key) goes to the
+    runner, which trains further, resumes, or refuses with the reason."""
     try:
-        return bool(json.loads((Path(run_dir) / "status.json").read_text()).get("finished"))
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    return bool(status.get("finished")) and saved == expected_config
 
 
 class TrainingJob:
     """What submitit runs for one point: the runner in a subprocess, requeued after a time-out or preemption."""
 
-    def __init__(self, config, save_path, arguments):
+    def __init__(self, config, save_path, arguments, environment=None):
+        """`environment`: variables to set (a value) or unset (None) for the run, over the job's own."""
         self.config, self.save_path, self.arguments = config, str(save_path), list(arguments)
+        self.environment = dict(environment or {})
         self._process = self._waiter = None
 
     def command(self):
@@ -87,7 +96,13 @@ class TrainingJob:
     def start(self):
         """Start the run; a thread waits for it, so that the main thread, where submitit's signal handler
         runs, never sits inside Popen.wait (whose lock a handler calling wait again would deadlock on)."""
-        self._process = subprocess.Popen(self.command())
+        env = dict(os.environ)
+        for name, value in self.environment.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        self._process = subprocess.Popen(self.command(), env=env)
         self._waiter = threading.Thread(target=self._process.wait, daemon=True)
         self._waiter.start()
 
@@ -107,11 +122,12 @@ class TrainingJob:
         if self._process is not None and self._process.returncode is None:
             self._process.send_signal(signal.SIGUSR2)  # the runner finishes its step and checkpoints
             self._waiter.join()
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.save_path, self.arguments))
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.save_path, self.arguments,
+                                                              self.environment))
 
     def __getstate__(self):
         return {"config": self.config, "save_path": self.save_path, "arguments": self.arguments,
-                "_process": None, "_waiter": None}
+                "environment": self.environment, "_process": None, "_waiter": None}
 
 
 def slurm_parameters(name, partition=None, time_min=60, gpus=0, cpus=4, mem_gb=16, array_parallelism=8):
@@ -138,12 +154,12 @@ def make_executor(backend, sweep_dir, parameters):
     import submitit
 
     folder = Path(sweep_dir) / ".submitit" / "%j"
-    if backend == "slurm":
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    if backend == "slurm":  # requeued after every time-out until the run is finished, however many it takes
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=UNLIMITED)
         executor.update_parameters(**parameters)
-    else:
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=parameters.get("timeout_min", 60 * 24 * 7))
+    else:  # local runs have no time limit: one week per attempt, then a checkpoint and a restart
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=UNLIMITED)
+        executor.update_parameters(timeout_min=60 * 24 * 7)
     return executor
 
 

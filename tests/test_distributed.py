@@ -86,3 +86,18 @@ def test_batch_that_does_not_split_evenly_is_refused(data_dir, tmp_path):
     result = torchrun(data_dir, TRAIN_SCRIPT, "cifar10", tmp_path / "run", *TINY, "--batch_size=33")
     assert result.returncode != 0
     assert "must divide evenly among 2 processes" in result.stderr
+
+
+@pytest.mark.parametrize("saved_ranks, now", [(2, 2), (2, 1), (1, 3)])
+def test_running_sums_resume_under_another_number_of_processes(saved_ranks, now):
+    from src.main_loop import Progress
+
+    sums = [torch.tensor([1.5 * (r + 1), 10.0 * (r + 1), 32.0], dtype=torch.float64) for r in range(saved_ranks)]
+    state = {"log": [], "best_valid_acc": None, "rank_sums": sums, "seconds_before": 0.0}
+    ranks = [Progress(torch.device("cpu"), rank, now) for rank in range(now)]
+    for progress in ranks:
+        progress.load_state_dict(state)
+    total = sum(p.sums() for p in ranks)
+    assert torch.equal(total, sum(sums))  # nothing of the epoch so far is lost or counted twice
+    if saved_ranks == now:
+        assert torch.equal(ranks[1].sums(), sums[1])  # same world size: each rank gets its own, exactly

@@ -43,12 +43,28 @@ def test_grid_expands_every_combination_typed_by_the_root():
 
 def test_each_point_gets_a_folder_named_from_what_varies(tmp_path):
     runs = plan_sweep("cifar10", tmp_path, {"n_filters": "8,16", "lr": "0.1", "batch_norm": "true,false"}, ROOT)
-    names = [path.name for path, _ in runs]
+    names = [path.name for path, _, _ in runs]
     assert names == ["n_filters=8-batch_norm=true", "n_filters=8-batch_norm=false",
                      "n_filters=16-batch_norm=true", "n_filters=16-batch_norm=false"]
     assert runs[0][1] == ["--n_filters=8", "--lr=0.1", "--batch_norm=true"]
+    assert runs[0][2] == {**ROOT, "n_filters": 8, "lr": 0.1, "batch_norm": True}
     with pytest.raises(UsageError, match="share a folder"):
         plan_sweep("cifar10", tmp_path, {"n_filters": "8,8"}, ROOT)
+
+
+def test_a_point_is_skipped_only_when_finished_with_the_same_config(tmp_path):
+    import json
+
+    from src.sweep import is_finished
+
+    config = {**ROOT, "n_epochs": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "status.json").write_text(json.dumps({"finished": True}))
+    assert is_finished(tmp_path, config)
+    assert not is_finished(tmp_path, {**config, "n_epochs": 4})  # raised: the runner trains further
+    assert not is_finished(tmp_path, {**config, "dropout": 0.3})  # changed: the runner says why it refuses
+    (tmp_path / "status.json").write_text(json.dumps({"finished": False}))
+    assert not is_finished(tmp_path, config)
 
 
 def test_local_sweep_runs_two_at_a_time_and_a_rerun_skips_finished_runs(data_dir, tmp_path):
@@ -147,6 +163,8 @@ def test_the_job_passes_the_warning_on_and_asks_to_be_requeued(tmp_path):
 
 
 def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
+    dry = sweep(data_dir, "cifar10", tmp_path / "grid", "--seed=5", "--lr=0.1,0.2", "--dry_run")
+    assert dry.returncode == 0 and dry.stdout.count("--seed=5") == 2  # a config key, not --seeds abbreviated
     for args in (["cifar10", tmp_path, "--n_filter=4,8"], ["cifar10", tmp_path, "--backend=cloud"],
                  ["nope", tmp_path, "--lr=0.1"], ["cifar10", tmp_path, "stray"]):
         result = sweep(data_dir, *args)

@@ -11,8 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+REPO = str(Path(__file__).resolve().parents[2])
+sys.path.insert(0, REPO)  # run from anywhere, no PYTHONPATH
 os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
+# submitit's job processes unpickle src.sweep.TrainingJob: they need the repository on their path too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
 from src.cli import OneLineErrorParser, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
@@ -33,7 +36,7 @@ SWEEP_OPTIONS = {
 def parse(argv):
     from configs.simple_cnn import simple_cnn_configs
 
-    parser = OneLineErrorParser(description=__doc__, prog="sweep.py")
+    parser = OneLineErrorParser(description=__doc__, prog="sweep.py", allow_abbrev=False)
     parser.add_argument("config", help="a registered config name or a .json config")
     parser.add_argument("sweep_dir", help="RESULTS_DIR/SWEEP_NAME: one run folder per point goes here")
     for name, (default, text) in SWEEP_OPTIONS.items():
@@ -50,8 +53,8 @@ def parse(argv):
         raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
     if known.max_parallel < 1:
         raise UsageError("--max_parallel must be at least 1")
-    simple_cnn_configs.get(known.config)  # an unknown config name fails here, before anything runs
-    return known, overrides, simple_cnn_configs.root
+    base = simple_cnn_configs.get(known.config)  # an unknown config name fails here, before anything runs
+    return known, overrides, simple_cnn_configs.root, base
 
 
 @exit_codes
@@ -70,17 +73,24 @@ def main(argv=None):
         slurm_parameters,
     )
 
-    options, overrides, root = parse(sys.argv[1:] if argv is None else argv)
+    options, overrides, root, base = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(options.sweep_dir)
-    runs = plan_sweep(options.config, sweep_dir, overrides, root, options.seeds)
-    for path, arguments in runs:
-        print(f"{'finished' if is_finished(path) else 'to run  '}  {path}  {' '.join(arguments)}")
+    runs = plan_sweep(options.config, sweep_dir, overrides, root, options.seeds, base)
+    for path, arguments, config in runs:
+        print(f"{'finished' if is_finished(path, config) else 'to run  '}  {path}  {' '.join(arguments)}")
     if options.dry_run:
         return 0
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
-                                  "runs": {str(path.name): arguments for path, arguments in runs}})
-    to_run = [TrainingJob(options.config, path, arguments) for path, arguments in runs if not is_finished(path)]
+                                  "runs": {str(path.name): arguments for path, arguments, _ in runs}})
+    # Local jobs see the GPUs the sweep sees (submitit would hide them); Slurm sets them per job.
+    environment = {} if options.backend == "slurm" else {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    to_run = [TrainingJob(options.config, path, arguments, environment)
+              for path, arguments, config in runs if not is_finished(path, config)]
+    if to_run and options.backend == "local":  # decode (or download) the data once, not in every job at once
+        from src.data import load_cifar
+
+        load_cifar(runs[0][2]["dataset"], label_mode=runs[0][2]["label_mode"])
     outcome = {}
     if to_run:
         parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
