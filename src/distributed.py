@@ -82,8 +82,15 @@ class TorchrunProcess:
         return [piece.cpu() for piece in pieces]
 
     def close(self):
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        """Wait for every rank before tearing down: a rank that leaves while a peer still talks to it
+        makes gloo abort that peer (seen under load as a SIGABRT at exit)."""
+        if not self.dist.is_initialized():
+            return
+        try:
+            self.dist.barrier()
+        except Exception:  # a peer already gone (it failed): nothing left to wait for
+            pass
+        self.dist.destroy_process_group()
 
 
 def from_environment(requested_device="auto"):
