@@ -10,6 +10,9 @@ from pathlib import Path
 
 from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS
 
+# The columns `load_runs` adds to a run's config keys.
+RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours")
+
 
 @dataclass
 class LoadedRun:
@@ -126,6 +129,7 @@ def summarize_run(path):
         "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else None,
         "training_hours": float(log["epoch_seconds"].sum()) / 3600 if len(log) else 0.0,
     }
+    assert tuple(metrics) == RUN_METRICS
     return config, metrics
 
 

@@ -23,8 +23,9 @@ def differing_keys(table, config_keys):
 
 def build_table(runs):
     """The report's columns, from `load_runs`' DataFrame."""
-    config_keys = [c for c in runs.columns if c not in ("run", "state", "epochs_done", "best_valid_acc",
-                                                        "last_valid_acc", "last_train_loss", "training_hours")]
+    from src.analysis import RUN_METRICS
+
+    config_keys = [c for c in runs.columns if c not in ("run", *RUN_METRICS)]
     table = runs[["run"] + differing_keys(runs, config_keys)].copy()
     table["epochs"] = runs["epochs_done"].astype(str) + "/" + runs["n_epochs"].astype(str)
     for column in METRICS[1:]:
