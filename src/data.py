@@ -1,22 +1,25 @@
-"""CIFAR archives -> arrays (`load_cifar`), and the training stream (`get_cifar`).
+"""CIFAR archives -> arrays (`load_cifar`), the cache of them, and the training stream (`get_cifar`).
 
-The official files are Python-2 pickles; decoded arrays are cached beside them as `.npy` so that
-later runs load in a fraction of a second. The stream keeps the data on the run's device and draws
-all its randomness from (seed, epoch, batch), so its position is its whole state.
+The official files are read and checked by `src.cifar_files`; the decoded arrays are cached beside
+them as `.npy`, with a checksum of each, so that later runs load in a fraction of a second. The stream
+keeps the data on the run's device and draws all its randomness from (seed, epoch, batch), so its
+position is its whole state.
 """
-import gzip
+import contextlib
+import fcntl
+import hashlib
 import io
+import math
 import os
-import pickle
 import sys
-import tarfile
-import zlib
+import time
 from pathlib import Path
 
 import numpy as np
 
-from src.errors import RunError
-from src.files import atomic_write, read_json, write_json
+from src.cifar_files import IMAGE_SHAPE, decode, find_source, identity, is_archive  # noqa: F401 (IMAGE_SHAPE: public here)
+from src.errors import RunError, UsageError
+from src.files import TMP_PREFIX, atomic_write, read_json, remove_stale_temporaries, write_json
 
 DATASETS = {
     "cifar10": {
@@ -36,10 +39,11 @@ DATASETS = {
         "n_classes": {"fine": 100, "coarse": 20},
     },
 }
-IMAGE_SHAPE = (3, 32, 32)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # the folder's name; a manifest without checksums (written before they were) is rebuilt
 MANIFEST = "manifest.json"
+CHECKSUM = "sha256"
+STALE_SECONDS = 3600  # without a lock, a temporary untouched this long is no live writer's
 SEED_SPLIT, SEED_ORDER, SEED_AUGMENT = 0, 1, 2
 _MASK64 = (1 << 64) - 1
 
@@ -82,125 +86,169 @@ def _cache_paths(which, data_dir):
 
 
 def _load_cached(which, spec, data_dir):
-    """The cache is used only if its manifest (written last) matches the source: never half old, half new."""
+    """The cache if it is whole and matches the source, else the source decoded (and cached).
+
+    The cache is used only if its manifest (written last) matches the source and every file its
+    checksum: never half old, half new, never a damaged or edited file.
+    """
     folder, names = _cache_paths(which, data_dir)
-    source = _find_source(spec, data_dir)
-    manifest = _read_manifest(folder)
-    if manifest is not None and (source is None or manifest["source"] == _identity(spec, source)):
-        try:
-            arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
-            if _lengths(arrays) == manifest["lengths"]:
-                return arrays
-        except (OSError, ValueError, EOFError):
-            pass  # an incomplete or damaged cache is rebuilt from the source
-    if source is None:
+    source = find_source(spec, data_dir)
+    arrays = _read_cache(folder, names, spec, source)
+    if arrays is not None:
+        return arrays
+    downloaded = source is None
+    if downloaded:
         from src.download import download_archive
 
         source = download_archive(spec["archive"], data_dir)
-    arrays = _decode(spec, source)
+    with _build_lock(data_dir, folder) as locked:
+        arrays = _read_cache(folder, names, spec, source)  # built by another process while we waited?
+        if arrays is None:
+            arrays = _build_cache(folder, names, spec, source, locked)
+            if not downloaded and is_archive(spec, source):  # a download had its MD5 checked already
+                from src.download import warn_if_unofficial
+
+                warn_if_unofficial(source)
+    return arrays
+
+
+def _build_cache(folder, names, spec, source, locked):
+    arrays = decode(spec, source)
     try:
-        (folder / MANIFEST).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # first: a build cut short leaves no manifest, so it is redone
         folder.mkdir(exist_ok=True)
-        for name in names:
-            atomic_write(folder / f"{name}.npy", lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
-        write_json(folder / MANIFEST, {"source": _identity(spec, source), "lengths": _lengths(arrays)})
+        _remove_temporaries(folder, locked)
+        sums = {name: _save_npy(folder / f"{name}.npy", arrays[name]) for name in names}
+        write_json(folder / MANIFEST, {"source": identity(spec, source), "lengths": _lengths(arrays), CHECKSUM: sums})
     except OSError as e:  # a read-only shared data folder, say: train anyway, just without the cache
         print(f"warning: cannot cache the decoded arrays in {folder} ({e.strerror or e}); "
               "loading will be slower", file=sys.stderr)
     return arrays
 
 
-def _identity(spec, source):
-    """Names, sizes and modification times of the source files: a changed source invalidates the cache."""
-    files = [source / name for name in spec["train"] + spec["test"]] if source.is_dir() else [source]
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+@contextlib.contextmanager
+def _build_lock(data_dir, folder):
+    """An exclusive flock on DATA_DIR/.<cache folder>.lock while the cache is built: -> whether it is held.
+
+    Two processes (DDP ranks, sweep jobs) may find the cache missing at once; the second waits, then
+    uses what the first built, and no build ever deletes a live build's temporary files.
+    """
+    try:
+        fd = os.open(data_dir / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only data folder: the cache cannot be written there either, so nothing to guard
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish building {folder}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        locked = True
+    except OSError:  # a file system without flock (some Lustre and NFS mounts): build unguarded
+        locked = False
+    try:
+        yield locked
+    finally:
+        os.close(fd)
+
+
+def _remove_temporaries(folder, locked):
+    """Delete the temporary files of a build that was killed (150 MB each on the real data).
+
+    Every build writes them under the lock, so while we hold it they are all a dead process's. A killed
+    build leaves no manifest, so the next load always rebuilds and gets here. Without the lock, only
+    temporaries untouched for STALE_SECONDS go: a live build rewrites its file within seconds.
+    """
+    if locked:
+        remove_stale_temporaries(folder)
+        return
+    for path in folder.glob(TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > STALE_SECONDS:
+                path.unlink()
 
 
 def _lengths(arrays):
     return {name: len(array) for name, array in arrays.items()}
 
 
-def _read_manifest(folder):
-    try:
-        return read_json(folder / MANIFEST)
-    except (OSError, ValueError):
+def _read_cache(folder, names, spec, source):
+    """The cached arrays, or None (rebuild) unless the manifest is whole, matches the source (when there is
+    one) and every file its checksum."""
+    manifest = _read_manifest(folder, names)
+    if manifest is None or (source is not None and manifest["source"] != identity(spec, source)):
         return None
-
-
-def _find_source(spec, data_dir):
-    for candidate in (data_dir / spec["folder"], data_dir / spec["archive"]):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _decode(spec, source):
-    if source.is_dir():
-        return _decode_batches(spec, lambda name: _read_file(source / name), lambda name: source / name)
-    try:
-        with gzip.open(source) as stream:  # read to the end once, so gzip checks its CRC over every byte
-            while stream.read(1 << 24):
-                pass
-        with tarfile.open(source, "r:gz") as archive:
-            members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
-
-            def read(name):
-                if name not in members:
-                    raise RunError(f"{source} is not a {spec['archive']} archive: it has no '{name}' inside")
-                return archive.extractfile(members[name]).read()
-
-            return _decode_batches(spec, read, lambda name: f"{source}:{spec['folder']}/{name}")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise RunError(f"{source} is corrupt or truncated ({e}); delete it and download it again") from None
-
-
-def _read_file(path):
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise RunError(f"cannot read {path} ({e.strerror or e})") from None
-
-
-def _decode_batches(spec, read, describe):
     arrays = {}
-    for part in ("train", "test"):
-        batches = [_read_batch(spec, name, read, describe(name)) for name in spec[part]]
-        arrays[f"x_{part}"] = np.concatenate([b["x"] for b in batches])
-        for mode in spec["labels"]:
-            arrays[f"y_{part}_{mode}"] = np.concatenate([b[mode] for b in batches])
+    for name in names:
+        arrays[name] = _read_npy(folder / f"{name}.npy", manifest[CHECKSUM][name])
+        if arrays[name] is None or len(arrays[name]) != manifest["lengths"][name]:
+            return None
     return arrays
 
 
-def _read_batch(spec, name, read, where):
-    """One Python-2 pickled batch -> validated arrays; any defect is reported against `where`."""
+def _read_manifest(folder, names):
+    """The manifest if it has every field with the right type for exactly these files, else None."""
     try:
-        raw = read(name)
-    except FileNotFoundError:
-        raise RunError(f"{where} is missing; the extracted folder is incomplete") from None
+        manifest = read_json(folder / MANIFEST)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("source"), list):
+        return None
+    for field, kind in (("lengths", int), (CHECKSUM, str)):
+        entries = manifest.get(field)
+        if not isinstance(entries, dict) or set(entries) != set(names):
+            return None
+        if any(type(value) is not kind for value in entries.values()):
+            return None
+    return manifest
+
+
+def _read_npy(path, checksum):
+    """The array in a cache file, or None unless the file is byte for byte the one we wrote.
+
+    The bytes are checked before numpy parses any of them. Cost, measured on a 2-core Xeon with SHA-NI:
+    on the 150 MB of x_train, reading 0.035 s and sha256 0.11 s (blake2b 0.20 s, md5 0.24 s); a whole
+    CIFAR-10 cache (184 MB) loads in 0.25 s instead of 0.045 s unchecked. CPUs without SHA-NI hash
+    sha256 at about 0.4 GB/s: about 0.5 s.
+    """
     try:
-        batch = pickle.load(io.BytesIO(raw), encoding="latin1")
-    except Exception as e:  # a damaged pickle can raise nearly anything
-        raise RunError(f"{where} is corrupt: cannot unpickle it ({type(e).__name__}: {e})") from None
-    if not isinstance(batch, dict) or "data" not in batch:
-        raise RunError(f"{where} is not a CIFAR batch: it has no 'data' entry")
-    data = batch["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        shape = getattr(data, "shape", None)
-        raise RunError(f"{where} is corrupt: 'data' should be uint8 of shape (N, 3072), got {shape}")
-    out = {"x": data.reshape(-1, *IMAGE_SHAPE)}
-    for mode, key in spec["labels"].items():
-        if key not in batch:
-            raise RunError(f"{where} is not a CIFAR batch: it has no '{key}' entry")
-        labels = np.asarray(batch[key], dtype=np.int64)
-        k = spec["n_classes"][mode]
-        if labels.shape != (len(data),):
-            raise RunError(f"{where} is corrupt: {len(labels)} '{key}' for {len(data)} images")
-        if labels.size and (labels.min() < 0 or labels.max() >= k):
-            raise RunError(f"{where} is corrupt: '{key}' outside 0..{k - 1}")
-        out[mode] = labels
-    return out
+        with open(path, "rb") as f:
+            raw = bytearray(os.fstat(f.fileno()).st_size)  # a bytearray: the array stays writable
+            if f.readinto(raw) != len(raw):
+                return None
+    except OSError:
+        return None
+    if hashlib.sha256(raw).hexdigest() != checksum:
+        return None
+    header = io.BytesIO(bytes(memoryview(raw)[:4096]))
+    try:
+        version = np.lib.format.read_magic(header)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read(header)
+        if fortran_order or dtype.hasobject:
+            return None
+        return np.frombuffer(raw, dtype, count=math.prod(shape), offset=header.tell()).reshape(shape)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class _HashingWriter:
+    """A file that hashes the bytes written through it (np.save then writes 16 MB chunks, not `tofile`)."""
+
+    def __init__(self, file, digest):
+        self.file, self.digest = file, digest
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.file.write(data)
+
+
+def _save_npy(path, array):
+    """Write `array` to `path` as .npy, atomically; -> the checksum of the file's bytes."""
+    digest = hashlib.new(CHECKSUM)
+    atomic_write(path, lambda f: np.save(_HashingWriter(f, digest), array, allow_pickle=False))
+    return digest.hexdigest()
 
 
 def derive_seed(*numbers):
@@ -219,6 +267,10 @@ def split_train_valid(n_train, valid_size, n_examples, seed):
     """Indices of the training and validation examples: a permutation seeded from `seed`."""
     if valid_size >= n_train:
         raise RunError(f"--valid_size={valid_size} leaves no training data: the set has {n_train} images")
+    left = n_train - valid_size
+    if n_examples > left:  # never silently fewer than asked: config.json would record a run that did not happen
+        raise UsageError(f"--n_examples={n_examples} is larger than the {left} training images left after "
+                         f"--valid_size={valid_size}; use at most {left}, or -1 for all of them")
     order = np.random.default_rng(derive_seed(seed, SEED_SPLIT)).permutation(n_train)
     valid, train = order[:valid_size], order[valid_size:]
     if n_examples != -1:
@@ -233,6 +285,10 @@ def get_cifar(which, augment, batch_size, seed, device, valid_size=5000, n_examp
 
     (x, y), _ = load_cifar(which, data_dir, label_mode)
     train, valid = split_train_valid(len(x), valid_size, n_examples, seed)
+    if batch_size > len(train):  # the global batch, under DDP too: TrainStream would clamp it silently
+        images = (f"{len(train)} training images left after --valid_size={valid_size}" if n_examples == -1
+                  else f"--n_examples={n_examples} training images")
+        raise UsageError(f"--batch_size={batch_size} is larger than the {images}; use at most {len(train)}")
     x, y = torch.from_numpy(x), torch.from_numpy(y)
 
     def pick(indices):  # torch's index_select copies several times faster than numpy's fancy indexing
@@ -259,7 +315,7 @@ class TrainStream:
 
         self.images = images.to(device)
         self.labels = labels.to(device)
-        self.batch_size = min(batch_size, len(images))
+        self.batch_size = min(batch_size, len(images))  # get_cifar refuses a larger one; this is for direct use
         self.seed, self.augment, self.device = seed, augment, torch.device(device)
         rank, world_size = shard
         per_rank = self.batch_size // world_size
