@@ -6,12 +6,25 @@ no-op, so single-process training pays nothing for it.
 """
 import os
 
+from src.errors import RunError, UsageError
+
+
+class RankZeroFailed(Exception):
+    """Raised on the other ranks when a step that rank 0 alone takes failed there; rank 0 has said why."""
+
+    def __init__(self, code):
+        super().__init__(f"rank 0 failed (exit {code})")
+        self.code = code
+
 
 class SingleProcess:
     rank, world_size, is_main = 0, 1, True
 
     def device_name(self, requested):
         return requested
+
+    def on_main(self, step):
+        return step()
 
     def broadcast(self, obj):
         return obj
@@ -25,7 +38,7 @@ class SingleProcess:
     def gather(self, tensor):
         return [tensor]
 
-    def close(self):
+    def close(self, failed=False):
         pass
 
 
@@ -43,7 +56,15 @@ class TorchrunProcess:
             raise UsageError(f"{torch.cuda.device_count()} GPUs visible but this is local rank {self.local_rank}: "
                              "use --nproc_per_node at most the number of GPUs, or --device=cpu")
         backend = "nccl" if use_gpus else "gloo"
-        dist.init_process_group(backend)
+        missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} not: start "
+                             "several processes with torchrun (see README), or unset WORLD_SIZE")
+        try:
+            dist.init_process_group(backend)
+        except (ValueError, RuntimeError) as e:
+            raise RunError(f"cannot join the other processes ({str(e).strip().splitlines()[0][:200]}); "
+                           "start them with torchrun") from None
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device(f"cuda:{self.local_rank}") if backend == "nccl" else torch.device("cpu")
@@ -53,6 +74,23 @@ class TorchrunProcess:
     def device_name(self, requested):
         """Each rank on its own GPU (LOCAL_RANK), or all on the CPU."""
         return f"cuda:{self.local_rank}" if requested in ("auto", "cuda") and self.device.type == "cuda" else requested
+
+    def on_main(self, step):
+        """`step()` on rank 0 alone, its result on every rank. If it fails there, rank 0 raises (and
+        says why) and every other rank raises RankZeroFailed at once, instead of waiting in the next
+        collective until the process group times out (30 minutes, nothing printed)."""
+        if not self.is_main:
+            failed, value = self.broadcast(None)
+            if failed:
+                raise RankZeroFailed(value)
+            return value
+        try:
+            value = step()
+        except BaseException as e:
+            self.broadcast((True, 2 if isinstance(e, UsageError) else 1))
+            raise
+        self.broadcast((False, value))
+        return value
 
     def broadcast(self, obj):
         """rank 0's `obj`, on every rank."""
@@ -81,15 +119,18 @@ class TorchrunProcess:
         self.dist.all_gather(pieces, tensor.to(self.device))
         return [piece.cpu() for piece in pieces]
 
-    def close(self):
+    def close(self, failed=False):
         """Wait for every rank before tearing down: a rank that leaves while a peer still talks to it
-        makes gloo abort that peer (seen under load as a SIGABRT at exit)."""
+        makes gloo abort that peer (seen under load as a SIGABRT at exit). A rank that failed does
+        not wait: its peers are stuck in another collective, and would hold it (and themselves)
+        until the group's timeout; once it exits, torchrun stops them within seconds."""
         if not self.dist.is_initialized():
             return
-        try:
-            self.dist.barrier()
-        except Exception:  # a peer already gone (it failed): nothing left to wait for
-            pass
+        if not failed:
+            try:
+                self.dist.barrier()
+            except Exception:  # a peer already gone (it failed): nothing left to wait for
+                pass
         self.dist.destroy_process_group()
 
 

@@ -142,27 +142,27 @@ def run_main_loop(config, save_path, build_model):
     """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code.
 
     Under torchrun, every rank runs this; rank 0 alone owns the run folder (lock, files, output).
+    config.json and meta.json are written only once every start-up check has passed (device, data,
+    model), so a failed start leaves the folder free to take the corrected command.
     """
     ranks = distributed.from_environment(config["device"])
+    failed = True
     try:
         with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
             stops = cleanup.enter_context(StopRequests())
             folder = RunFolder(save_path)
-            verdict = ranks.broadcast(open_run_folder(folder, config, cleanup) if ranks.is_main else None)
-            if verdict is not None:  # rank 0 said it or raised it already; the others leave with its code
-                return verdict if ranks.is_main else (verdict if isinstance(verdict, int) else 1)
+            done = ranks.on_main(lambda: open_run_folder(folder, config, cleanup))
+            if done is not None:
+                failed = False
+                return say_finished(folder.path, done) if ranks.is_main else 0
             if ranks.is_main:
                 cleanup.enter_context(folder.copy_output())
             if config["num_threads"]:
                 torch.set_num_threads(config["num_threads"])
             device = choose_device(ranks.device_name(config["device"]))
             precision = choose_precision(config["precision"], device)
-            if ranks.is_main:
-                folder.record_session(device, precision, ranks.world_size)
             if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
-                if ranks.is_main:
-                    load_cifar(config["dataset"], label_mode=config["label_mode"])
-                ranks.broadcast(None)
+                ranks.on_main(lambda: decode_data_once(config))
             stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
                                       device, config["valid_size"], config["n_examples"], config["label_mode"],
                                       shard=(ranks.rank, ranks.world_size))
@@ -170,24 +170,32 @@ def run_main_loop(config, save_path, build_model):
                 raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
                                  f"{ranks.world_size} processes: change --batch_size")
             model, optimizer = build_training_model(config, build_model, stream, device, precision)
+            if ranks.is_main:
+                with disk_errors_stop_training(folder.path):
+                    folder.save_config(config)
+                    folder.record_session(device, precision, ranks.world_size)
             loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks)
-            return loop.run()
+            code = loop.run()
+            failed = False
+            return code
+    except distributed.RankZeroFailed as e:  # rank 0 printed the reason; leave with its code, silently
+        return e.code
     finally:
-        ranks.close()
+        ranks.close(failed)
+
+
+def decode_data_once(config):
+    load_cifar(config["dataset"], label_mode=config["label_mode"])  # builds the cache; nothing to broadcast
 
 
 def open_run_folder(folder, config, cleanup):
-    """Rank 0: take the folder, check the config; None to go on, else the exit code (errors as text)."""
-    try:
-        cleanup.enter_context(folder)
-        folder.check_config(config)
-        status = folder.read_status()
-        if status and status["epochs_done"] >= config["n_epochs"]:
-            return say_finished(folder.path, status["epochs_done"])
-        folder.save_config(config)
-    except (UsageError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+    """Rank 0: take the folder and check it may run `config`; the epochs done if it is already finished."""
+    cleanup.enter_context(folder)
+    folder.check_config(config)
+    status = folder.read_status()
+    if status and status["epochs_done"] >= config["n_epochs"]:
+        return status["epochs_done"]
+    folder.refuse_lost_checkpoints()
     return None
 
 

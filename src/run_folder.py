@@ -30,16 +30,26 @@ CHECKPOINTS, BEST_MODEL = "checkpoints", "best_model.pt"
 # log, not what is computed. n_epochs may grow to train further (a cosine or linear schedule then
 # stretches to the new end).
 RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every_seconds", "tensorboard")
+# What a run leaves once it has trained: with any of these there, the folder holds work to protect.
+PROGRESS_FILES = (LOG, STATUS, BEST_MODEL)
+# Everything a run or evaluate.py writes here; a folder holding anything else is not a run folder.
+RUN_FILE_NAMES = {CONFIG, META, LOG, STATUS, CHECKPOINTS, BEST_MODEL, "curves.png", "tensorboard", "stdout.log",
+                  "stderr.log", ".lock", "eval_test.json"}
+RUN_FILE_PREFIXES = (".tmp-", "confusion_test_", "eval_")
 
 
 class RunFolder:
     def __init__(self, path):
+        self.given = str(path)  # Path("") would be "." (the current folder): keep what the user typed
         self.path = Path(path)
         self.checkpoints = self.path / CHECKPOINTS
         self._lock = RunFolderLock(self.path)
 
     def __enter__(self):
         """Create the folder and take it for this process (exit 1 if another one has it)."""
+        if not self.given.strip():
+            raise UsageError("SAVE_PATH is empty; give the run folder a name, e.g. results/my_run")
+        self.refuse_foreign_folder()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
@@ -53,14 +63,48 @@ class RunFolder:
     def __exit__(self, *exc):
         self._lock.release()
 
+    def refuse_foreign_folder(self):
+        """An existing folder of other files is not adopted: the run would mix with them (and delete its .tmp-*)."""
+        try:
+            names = [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+        except OSError as e:
+            raise RunError(f"cannot use {self.path} as a run folder ({e.strerror or e})") from None
+        if CONFIG in names:
+            return
+        foreign = sorted(n for n in names if n not in RUN_FILE_NAMES and not n.startswith(RUN_FILE_PREFIXES))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UsageError(f"{self.path} already holds files that are not a run's ({shown}); "
+                             "give a new or empty folder as SAVE_PATH")
+
+    def has_checkpoints(self):
+        """Any checkpoint file, whole, damaged or set aside: the run has saved work."""
+        return self.checkpoints.is_dir() and any(p.name.startswith("checkpoint_") for p in self.checkpoints.iterdir())
+
+    def has_progress(self):
+        return any((self.path / name).exists() for name in PROGRESS_FILES)
+
+    def refuse_lost_checkpoints(self):
+        """Progress files without any checkpoint: starting afresh would overwrite a run's results."""
+        if self.has_progress() and not self.has_checkpoints():
+            results = ", ".join(name for name in PROGRESS_FILES if (self.path / name).exists())
+            raise RunError(f"{self.path} holds a run's results ({results}) but no checkpoint in {self.checkpoints}; "
+                           "it never restarts by itself: move the folder aside (or restore its checkpoints) and rerun")
+
     def check_config(self, config):
-        """Refuse a config that differs from the saved one: resuming with other settings would mix two runs."""
+        """Refuse a config that differs from the saved one: resuming with other settings would mix two runs.
+
+        A folder with no checkpoint and no results yet (a start that failed, say on a wrong --device)
+        takes the new config: nothing was computed with the old one.
+        """
         saved_path = self.path / CONFIG
-        if saved_path.exists():
+        if saved_path.exists() and (self.has_checkpoints() or self.has_progress()):
             try:
                 saved = read_json(saved_path)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise RunError(f"{saved_path} is damaged (not valid JSON); fix or remove it") from None
+            if not isinstance(saved, dict):
+                raise RunError(f"{saved_path} is damaged (not a JSON object of key: value); fix or remove it")
             changed = [k for k in diff_keys(saved, config) if k not in RESUMABLE_CHANGES]
             if changed:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
@@ -73,10 +117,14 @@ class RunFolder:
         write_json(self.path / CONFIG, config)
 
     def read_status(self):
+        """status.json, or None when it is missing or damaged (the resume rebuilds it from the checkpoint)."""
         try:
-            return read_json(self.path / STATUS)
-        except (OSError, ValueError):
+            status = read_json(self.path / STATUS)
+        except (OSError, ValueError, RecursionError):
             return None
+        if not isinstance(status, dict) or type(status.get("epochs_done")) is not int:
+            return None
+        return status
 
     def write_progress(self, log, status):
         text = "".join(json.dumps(row) + "\n" for row in log)
@@ -103,15 +151,20 @@ class RunFolder:
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "pid": os.getpid(),
         }
-        meta_path = self.path / META
-        try:
-            previous = read_json(meta_path).get("sessions", []) if meta_path.exists() else []
-        except ValueError:
-            previous = []  # a damaged history is not worth stopping a run for
-        if previous and (previous[-1]["device"], previous[-1]["precision"]) != (session["device"], precision):
-            print(f"warning: this run was on {previous[-1]['device']} ({previous[-1]['precision']}) and goes on "
+        previous = self.read_sessions()
+        last = (previous[-1].get("device"), previous[-1].get("precision")) if previous else None
+        if last and last != (session["device"], precision):
+            print(f"warning: this run was on {last[0]} ({last[1]}) and goes on "
                   f"on {session['device']} ({precision}); it will not match an uninterrupted run bit for bit")
-        write_json(meta_path, {**session, "sessions": previous + [session]})
+        write_json(self.path / META, {**session, "sessions": previous + [session]})
+
+    def read_sessions(self):
+        """The sessions recorded in meta.json; a damaged history is not worth stopping a run for."""
+        try:
+            sessions = read_json(self.path / META).get("sessions", [])
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return []
+        return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
 
     @contextlib.contextmanager
     def copy_output(self):
@@ -142,14 +195,20 @@ def git_commit():
 
 
 class Tee:
-    """A text stream that writes to the terminal and appends to a file."""
+    """A text stream that writes to the terminal and appends to a file.
+
+    A terminal that went away (a closed window, `| head -1`, an ssh session that dropped) stops the
+    printing, not the training: the file keeps everything, and the dead stream's descriptor is
+    pointed at /dev/null so that Python's own flush at exit cannot fail on it either.
+    """
 
     def __init__(self, stream, path):
         self.stream = stream
         self.file = open(path, "a", buffering=1)
+        self.stream_alive = True
 
     def write(self, text):
-        self.stream.write(text)
+        self._to_stream(lambda: self.stream.write(text))
         try:
             self.file.write(text)
         except OSError:
@@ -157,14 +216,33 @@ class Tee:
         return len(text)
 
     def flush(self):
-        self.stream.flush()
+        self._to_stream(self.stream.flush)
         try:
             self.file.flush()
         except OSError:
             pass
 
+    def _to_stream(self, action):
+        if not self.stream_alive:
+            return
+        try:
+            action()
+        except (OSError, ValueError):  # EPIPE, EIO after a hang-up, or a closed file object
+            self.stream_alive = False
+            silence(self.stream)
+
     def isatty(self):
-        return self.stream.isatty()
+        return self.stream_alive and self.stream.isatty()
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+def silence(stream):
+    """Point the descriptor under `stream` at /dev/null: later writes (ours, tqdm's, Python's at exit) vanish."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

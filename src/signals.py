@@ -1,4 +1,4 @@
-"""Turn SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into 'checkpoint, then exit with 128 + N'.
+"""Turn SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 into 'checkpoint, then exit with 128 + N'.
 
 The first signal only raises a flag that the main loop checks after each step, so the step in
 flight finishes and a checkpoint is written. Outside the loop (start-up) there is nothing to save,
@@ -10,7 +10,9 @@ wrapper, and must not cut its checkpoint short.
 import os
 import signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# SIGHUP: the terminal or ssh session went away; the run checkpoints like any other stop, and its
+# printing goes on into stdout.log only (run_folder.Tee).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _say(text):
@@ -28,7 +30,9 @@ class StopRequests:
         self._previous = {}
 
     def __enter__(self):
-        self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        # A run started under `nohup` ignores SIGHUP: it asked to outlive its terminal, so keep it so.
+        catch = [n for n in STOP_SIGNALS if not (n == signal.SIGHUP and signal.getsignal(n) == signal.SIG_IGN)]
+        self._previous = {number: signal.signal(number, self._handle) for number in catch}
         return self
 
     def __exit__(self, *exc):
