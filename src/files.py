@@ -4,6 +4,7 @@ A file is either the old version or the new one, never half of each: we write a 
 in the same folder, fsync it, rename it over the target and fsync the folder, so that a kill or
 power loss at any instant leaves something whole behind.
 """
+import errno
 import fcntl
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 from src.errors import RunError
 
 TMP_PREFIX = ".tmp-"
+# What writing a file can fail with because of where it goes: full, over quota, too big, failing, read-only.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -27,7 +30,13 @@ def fsync_dir(folder):
 
 
 def atomic_write(path, write):
-    """Call `write(file_object)` on a temporary file, then move it to `path` in one step."""
+    """Call `write(file_object)` on a temporary file, then move it to `path` in one step.
+
+    `write` must write with the file object's own methods, so that a full disk raises OSError.
+    Such an error (STORAGE_ERRNOS) names no file: it is raised again naming `path`, so that the
+    one-line report says which file could not be written. Other errors (a download's network
+    failure inside `write`) pass unchanged.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
@@ -37,11 +46,13 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno in STORAGE_ERRNOS:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
     fsync_dir(path.parent)
 

@@ -4,7 +4,9 @@ TensorBoard events go to SAVE_PATH/tensorboard/, keyed by iteration, so `tensorb
 results` shows every run. On resume, events after the checkpoint's iteration are purged, so the
 curves of a resumed run have no doubled segments.
 """
+import contextlib
 import sys
+import threading
 import time
 
 CURVES = "curves.png"
@@ -29,9 +31,20 @@ class Monitors:
 
             # Points after the checkpoint's iteration belong to a timeline that was thrown away: every
             # session marks them as purged (the point at the checkpoint's own iteration stays).
+            quiet_tensorboard_threads()
             self._writer = SummaryWriter(log_dir=str(self.folder.path / TENSORBOARD),
                                          purge_step=self.start_iteration + 1)
         return self._writer
+
+    @contextlib.contextmanager
+    def _naming_tensorboard(self):
+        """The writer's errors name no file: name the folder, so the one-line report says where."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror, str(self.folder.path / TENSORBOARD)) from e
+            raise
 
     def iteration(self, iteration, progress, lr):
         """Running means of the epoch so far (one host sync), the learning rate and the recent speed."""
@@ -43,8 +56,9 @@ class Monitors:
                    "train_acc": progress.correct.item() / progress.count, "lr": lr}
         if iteration > last_iteration:
             scalars["iterations_per_second"] = (iteration - last_iteration) / (now - last_time)
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"iteration/{name}", value, iteration)
+        with self._naming_tensorboard():
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"iteration/{name}", value, iteration)
         self._last = (iteration, now)
 
     def epoch(self, log):
@@ -57,10 +71,11 @@ class Monitors:
 
         row = log[-1]
         if self.tensorboard:
-            for name in EPOCH_SCALARS:
-                if row.get(name) is not None:
-                    self.writer.add_scalar(f"epoch/{name}", row[name], row["iteration"])
-            self.writer.flush()
+            with self._naming_tensorboard():
+                for name in EPOCH_SCALARS:
+                    if row.get(name) is not None:
+                        self.writer.add_scalar(f"epoch/{name}", row[name], row["iteration"])
+                self.writer.flush()
         plot_curves(pd.DataFrame(log), self.folder.path / CURVES, title=f"{self.folder.path.name}: learning curves")
         self._last = (row["iteration"], time.perf_counter())
 
@@ -70,3 +85,19 @@ class Monitors:
                 self._writer.close()
             except OSError as e:  # never hide the error or the signal that ended the run
                 print(f"warning: could not finish the TensorBoard events ({e.strerror or e})", file=sys.stderr)
+
+
+def quiet_tensorboard_threads():
+    """TensorBoard writes from a thread of its own, which dies on a full disk (ENOSPC); the same error is
+    raised again by the writer's next call here and reported in one line, so the thread's traceback
+    is only noise. Installed once per process; every other thread error goes to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook

@@ -38,6 +38,16 @@ RUN_FILE_NAMES = {CONFIG, META, LOG, STATUS, CHECKPOINTS, BEST_MODEL, "curves.pn
 RUN_FILE_PREFIXES = (".tmp-", "confusion_test_", "eval_")
 
 
+def is_finished(status, n_epochs):
+    """The one rule for "finished", used by the loop, a rerun, sweeps and the run table: all `n_epochs`
+    done (raising n_epochs later makes a finished run unfinished), or an extension (early stopping)
+    finished it for good (`finished_early` in status.json)."""
+    if not isinstance(status, dict):
+        return False
+    done = status.get("epochs_done")
+    return status.get("finished_early") is True or (type(done) is int and done >= n_epochs)
+
+
 class RunFolder:
     def __init__(self, path):
         self.given = str(path)  # Path("") would be "." (the current folder): keep what the user typed
@@ -178,7 +188,8 @@ class RunFolder:
             copies = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = saved
             for tee in copies:
-                tee.file.close()
+                with contextlib.suppress(OSError):  # what a full disk kept out of the file is lost, as in Tee.write
+                    tee.file.close()
 
 
 def git_commit():
