@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.data import CIFAR10_CLASSES, DATASETS, IMAGE_SHAPE
+from src.cifar_files import CIFAR10_CLASSES, IMAGE_SHAPE
+from src.data import DATASETS
 
 P = pickle  # opcode constants
 
@@ -82,31 +83,32 @@ def learnable_images(labels, n_classes, rng):
     return images
 
 
-def write_cifar(which, data_dir, n_train=500, n_test=100, seed=0, as_folder=False):
+def write_cifar(which, data_dir, n_train=500, n_test=100, seed=0, as_folder=False, class_names=None):
     """Write a `which` data set ("cifar10" or "cifar100") of learnable images into `data_dir`.
 
-    `as_folder` writes the extracted folder instead of the .tar.gz archive. Returns the path written.
+    `as_folder` writes the extracted folder instead of the .tar.gz archive; `class_names` ({label mode:
+    names}) replaces the names its meta file gives. Returns the path written.
     """
-    spec = DATASETS[which]
+    files = DATASETS[which].cifar
     rng = np.random.default_rng(seed)
-    files = {}
-    for names, total in ((spec["train"], n_train), (spec["test"], n_test)):
+    payloads = {}
+    for names, total in ((files.train, n_train), (files.test, n_test)):
         for i, name in enumerate(names):
             n = total // len(names) + (i < total % len(names))
-            files[name] = py2_pickle(_batch_record(which, name, n, rng))
-    files.update(_meta_files(which))
+            payloads[name] = py2_pickle(_batch_record(which, name, n, rng))
+    payloads[files.meta] = py2_pickle(_meta_record(which, files, class_names or {}))
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if as_folder:
-        folder = data_dir / spec["folder"]
+        folder = data_dir / files.folder
         folder.mkdir(exist_ok=True)
-        for name, payload in files.items():
+        for name, payload in payloads.items():
             (folder / name).write_bytes(payload)
         return folder
-    archive = data_dir / spec["archive"]
+    archive = data_dir / files.archive
     with tarfile.open(archive, "w:gz") as tar:
-        for name, payload in files.items():
-            info = tarfile.TarInfo(f"{spec['folder']}/{name}")
+        for name, payload in payloads.items():
+            info = tarfile.TarInfo(f"{files.folder}/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return archive
@@ -127,12 +129,15 @@ def _batch_record(which, name, n, rng):
     return record
 
 
-def _meta_files(which):
-    if which == "cifar10":
-        return {"batches.meta": py2_pickle({"num_cases_per_batch": 10000, "label_names": list(CIFAR10_CLASSES),
-                                            "num_vis": 3072})}
-    return {"meta": py2_pickle({"fine_label_names": [f"fine_{i}" for i in range(100)],
-                                "coarse_label_names": [f"coarse_{i}" for i in range(20)]})}
+def _meta_record(which, files, class_names):
+    """The meta file's record: CIFAR-10's official names; for CIFAR-100, made-up names shaped as its real
+    ones are (lower-case words joined by underscores: `fine_class_07`), since these images show no apples."""
+    names = {mode: list(CIFAR10_CLASSES) if which == "cifar10" else [f"{mode}_class_{i:02d}" for i in range(n)]
+             for mode, n in files.n_classes.items()}
+    record = {files.label_names[mode]: class_names.get(mode, names[mode]) for mode in files.label_names}
+    if which == "cifar10":  # the official batches.meta, key for key
+        return {"num_cases_per_batch": 10000, **record, "num_vis": 3072}
+    return record
 
 
 def main(data_dir, *, dataset="cifar10", n_train=5000, n_test=1000, seed=0, as_folder=False):
