@@ -1,15 +1,15 @@
-"""The main loop: an ignite `Engine` and the standard extensions, shared by every runner.
+"""The main loop: an ignite `Engine` plus named extensions, shared by every runner.
 
-Extensions (ignite event handlers), in the order they fire:
-    load on start        the newest whole checkpoint, if the run folder has one
-    seeding, schedule    before each step: model randomness re-seeded from (seed, iteration);
-                         the learning rate as a pure function of the iteration
-    checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
-                         at each epoch end and at the end; the two newest are kept
+What fires, in order (the order of attachment, which `MainLoop.attach_extensions` spells out):
+    load on start        Checkpoint.resume: the newest whole checkpoint, if the run folder has one
+    seeding, schedule    before each step: model randomness re-seeded from (seed, iteration); the
+                         learning rate as a pure function of the iteration (src.optim)
+    the step             forward, loss, backward, optimizer step; sums kept on the device
+    Checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
+                         at each epoch end (after its log row) and at the end; the two newest kept
     validation, log      at each epoch end, then the best model by validation accuracy
-    stop on signal       SIGTERM/SIGINT/SIGUSR1/SIGUSR2: checkpoint after this step, exit 128 + N
+    StopOnSignal         SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2: checkpoint after this step, exit 128 + N
     progress             a tqdm bar on a terminal, one line per epoch otherwise
-    finish               after `n_epochs`
 
 Exact resume: the stream restarts at (epoch, batch) from the loop counters; everything else with
 state (weights, optimizer, counters, this epoch's running sums, the log) is in the checkpoint.
@@ -17,7 +17,6 @@ state (weights, optimizer, counters, this epoch's running sums, the log) is in t
 import contextlib
 import datetime
 import logging
-import math
 import os
 import sys
 import time
@@ -26,42 +25,36 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
 
 from src import distributed
-from src.checkpoint import (
-    AtomicDiskSaver,
-    CorruptCheckpoint,
-    checkpoint_iteration,
-    list_checkpoints,
-    load_newest,
-    load_tensors,
-    save_tensors,
-)
+from src.checkpoint import save_tensors
 from src.data import derive_seed, get_cifar, load_cifar
-from src.errors import RunError, UsageError
+from src.errors import UsageError
 from src.evaluation import evaluate
+from src.extensions import Checkpoint, StopOnSignal, disk_errors_stop_training
 from src.hardware import autocast, choose_device, choose_precision
+from src.models import find_standardize
 from src.monitoring import Monitors
-from src.run_folder import BEST_MODEL, RunFolder
+from src.optim import build_optimizer, learning_rate
+from src.run_folder import BEST_MODEL, RunFolder, is_finished
 from src.signals import StopRequests
 
 SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
-CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "progress")
+CHECKPOINT_KEYS = Checkpoint.REQUIRED
 LOG_EVERY = 50  # iterations between reads of the NaN flag and TensorBoard points (one host sync each)
-AGREE_EVERY = 10  # under torchrun: iterations between pooled decisions to stop or checkpoint
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
 
 
-def learning_rate(config, iteration, total_iterations):
-    """The schedule as a pure function of the 1-based iteration: no state to save, exact on resume."""
-    done = (iteration - 1) / total_iterations
-    if config["lr_schedule"] == "cosine":
-        return config["lr"] * 0.5 * (1 + math.cos(math.pi * done))
-    if config["lr_schedule"] == "linear":
-        return config["lr"] * (1 - done)
-    return config["lr"]
+def train_step(forward, optimizer, images, labels, device, precision):
+    """One step; -> (loss, logits), both still on the device (no host sync). bench.py times this same step."""
+    with autocast(device, precision):
+        logits = forward(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 class Progress:
@@ -76,6 +69,7 @@ class Progress:
         self.all_sums = None
         self.log = []
         self.best_valid_acc = None
+        self.finished_early = False  # set by an extension that ends the run for good (early stopping)
         self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.start_epoch(fresh=True)
 
@@ -107,11 +101,12 @@ class Progress:
         """Every rank's sums (`all_sums`, gathered by the main loop just before it saves), so that each
         rank resumes its own: summing them first would change the float rounding of the epoch's loss."""
         return {"log": self.log, "best_valid_acc": self.best_valid_acc, "rank_sums": self.all_sums,
-                "seconds_before": self.train_seconds()}
+                "seconds_before": self.train_seconds(), "finished_early": self.finished_early}
 
     def load_state_dict(self, state):
         self.log = list(state["log"])
         self.best_valid_acc = state["best_valid_acc"]
+        self.finished_early = state.get("finished_early", False)  # absent from older checkpoints
         sums = state["rank_sums"]
         if len(sums) != self.world_size:  # another number of processes: rank 0 carries the epoch so far
             sums = [sum(sums)] + [torch.zeros_like(sums[0])] * (self.world_size - 1)
@@ -193,7 +188,7 @@ def open_run_folder(folder, config, cleanup):
     cleanup.enter_context(folder)
     folder.check_config(config)
     status = folder.read_status()
-    if status and status["epochs_done"] >= config["n_epochs"]:
+    if status and is_finished(status, config["n_epochs"]):
         return status["epochs_done"]
     folder.refuse_lost_checkpoints()
     return None
@@ -203,13 +198,12 @@ def build_training_model(config, build_model, stream, device, precision):
     """The model with its input statistics, on the device, in the fastest memory format; and its optimizer."""
     torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
     model = build_model(config)
-    model[0].set_statistics(stream.mean, stream.std)
+    standardize = find_standardize(model)
+    standardize.set_statistics(stream.mean, stream.std)
     channels_last = device.type == "cuda" or precision == "bf16"
-    model[0].channels_last = channels_last
+    standardize.channels_last = channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                weight_decay=config["weight_decay"])
-    return model, optimizer
+    return model, build_optimizer(config, model.parameters())
 
 
 def data_parallel(model, device, ranks):
@@ -223,17 +217,6 @@ def data_parallel(model, device, ranks):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index])
     return DistributedDataParallel(model)
-
-
-@contextlib.contextmanager
-def disk_errors_stop_training(folder):
-    """A checkpoint that cannot be written stops the run: training on without saving would risk the work."""
-    try:
-        yield
-    except OSError as e:
-        where = e.filename or folder
-        raise RunError(f"cannot write {where} ({e.strerror or e}); training stopped, the previous checkpoint "
-                       "is kept; free some space (or fix the folder) and rerun the same command to resume") from None
 
 
 def say_finished(save_path, epochs_done):
@@ -253,12 +236,7 @@ class MainLoop:
             self.forward = torch.compile(self.forward)
         self.trainer = Engine(self.step)
         self.progress = Progress(device, ranks.rank, ranks.world_size)
-        self.checkpointer = Checkpoint(
-            {"model": model, "optimizer": optimizer, "trainer": self.trainer, "progress": self.progress},
-            AtomicDiskSaver(folder.checkpoints), filename_prefix="", n_saved=2,
-            global_step_transform=lambda engine, event: engine.state.iteration)
-        self.saved_at = None  # (iteration, log rows) of the newest checkpoint
-        self.last_save_time = time.monotonic()
+        self.checkpoint = Checkpoint(self)
         self.bar = None
         self.attach_extensions()
 
@@ -268,28 +246,19 @@ class MainLoop:
 
     def step(self, engine, batch):
         images, labels = batch
-        with autocast(self.device, self.precision):
-            logits = self.forward(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        loss, logits = train_step(self.forward, self.optimizer, images, labels, self.device, self.precision)
         self.progress.add(loss, logits, labels, engine.state.iteration)
 
     def attach_extensions(self):
+        """ignite calls the handlers of one event in the order they were added: this order is the contract."""
         t = self.trainer
         t.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
         t.add_event_handler(Events.ITERATION_STARTED, self.before_step)
-        n = self.config["checkpoint_every_n_batches"]
-        if n > 0:
-            t.add_event_handler(Events.ITERATION_COMPLETED(every=n), self.save_mid_epoch)
-        if self.config["checkpoint_every_seconds"] > 0:
-            t.add_event_handler(Events.ITERATION_COMPLETED, self.save_if_due)
+        t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)  # the log row, before the checkpoint holds it
+        self.checkpoint.attach(t)  # mid-epoch saves, then the epoch-end save
         t.add_event_handler(Events.ITERATION_COMPLETED(every=LOG_EVERY), self.log_now_and_then)
-        t.add_event_handler(Events.ITERATION_COMPLETED, self.stop_if_asked, mid_epoch=True)
-        t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
-        t.add_event_handler(Events.EPOCH_COMPLETED, self.stop_if_asked, mid_epoch=False)
-        t.add_event_handler(Events.COMPLETED, self.save)
+        t.add_event_handler(Events.EPOCH_COMPLETED, self.draw)  # after the save: figures never delay the checkpoint
+        StopOnSignal(self.stops, self.checkpoint, self.ranks).attach(t)  # last: a stop saves what all above did
         if sys.stdout.isatty() and self.ranks.is_main:
             from ignite.handlers import ProgressBar
 
@@ -297,8 +266,8 @@ class MainLoop:
             self.bar.attach(t)
 
     def run(self):
-        self.resume()
-        if self.trainer.state.iteration >= self.total_iterations:
+        self.checkpoint.resume(len(self.stream))
+        if self.finished():
             return say_finished(self.folder.path, len(self.progress.log))
         self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration,
                                  enabled=self.ranks.is_main)
@@ -310,52 +279,13 @@ class MainLoop:
         finally:
             self.stops.in_loop = False
             self.monitors.close()
-        if self.stops.requested and self.trainer.state.iteration < self.total_iterations:
+        if self.stops.requested and not self.finished():
             if self.ranks.is_main:
                 print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
                       "rerun the same command to resume", file=sys.stderr)
             return self.stops.exit_code
         self.say(f"finished {self.config['n_epochs']} epochs in {self.folder.path}")
         return 0
-
-    def resume(self):
-        """Load the newest whole checkpoint into everything that has state; False when starting afresh."""
-        choice = None
-        if self.ranks.is_main:  # rank 0 picks the checkpoint (and sets damaged ones aside); the others follow
-            try:
-                found = load_newest(self.folder.checkpoints, CHECKPOINT_KEYS, warn=self.say, set_aside=True)
-                choice = found and str(found[0])
-            except CorruptCheckpoint as e:
-                choice = RunError(str(e))
-        choice = self.ranks.broadcast(choice)
-        if isinstance(choice, RunError):
-            raise choice
-        if choice is None:
-            return False
-        path, contents = (found if self.ranks.is_main else (Path(choice), load_tensors(choice)))
-        saved_length = contents["trainer"]["epoch_length"]
-        if saved_length != len(self.stream):
-            raise RunError(f"{path} was made with {saved_length} batches per epoch, the data now gives "
-                           f"{len(self.stream)}: the data set changed; use a new SAVE_PATH")
-        epochs_in_checkpoint = contents["trainer"]["iteration"] // saved_length
-        contents["trainer"]["max_epochs"] = max(self.config["n_epochs"], epochs_in_checkpoint)
-        try:
-            Checkpoint.load_objects(self.checkpointer.to_save, contents)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RunError(f"{path} does not fit this code's model or optimizer ({str(e).splitlines()[0][:150]}); "
-                           "resume with the code that started the run, or use a new SAVE_PATH") from None
-        # Tell ignite which files it saved before, so it keeps deleting all but the two newest.
-        kept = [(checkpoint_iteration(p), p.name) for p in reversed(list_checkpoints(self.folder.checkpoints)[:2])]
-        self.checkpointer.load_state_dict({"_saved": kept})
-        self.saved_at = (self.trainer.state.iteration, len(self.progress.log))
-        # A kill between a checkpoint and its log.jsonl/status.json leaves those behind: rebuild them.
-        if self.ranks.is_main:
-            with disk_errors_stop_training(self.folder.path):
-                self.folder.write_progress(self.progress.log, self.status())
-        self.say(f"resuming from {path} (epoch {len(self.progress.log)}, iteration {self.trainer.state.iteration})")
-        return True
-
-    # --- extensions -------------------------------------------------------------------------
 
     def start_epoch(self, engine):
         self.progress.start_epoch(fresh=engine.state.iteration % len(self.stream) == 0)
@@ -373,105 +303,45 @@ class MainLoop:
         if seconds is not None:
             self.say(f"first step done {seconds:.1f} s after the command started")
 
-    def at_epoch_end(self, engine):
-        return engine.state.iteration % len(self.stream) == 0
-
-    def save_mid_epoch(self, engine):
-        """Checkpoints at an epoch's last step wait for EPOCH_COMPLETED, so they hold that epoch's log row."""
-        if not self.at_epoch_end(engine):
-            self.save(engine)
-
-    def agreed(self, engine, flag, mid_epoch=True):
-        """A decision every rank takes together: one process alone cannot checkpoint or stop. Under
-        torchrun, mid-epoch decisions are pooled every AGREE_EVERY steps (one small collective)."""
-        if self.ranks.world_size == 1:
-            return flag
-        if mid_epoch and engine.state.iteration % AGREE_EVERY:
-            return False
-        return self.ranks.any(flag)
-
-    def save_if_due(self, engine):
-        if self.agreed(engine, time.monotonic() - self.last_save_time >= self.config["checkpoint_every_seconds"]):
-            self.save_mid_epoch(engine)
-
-    def stop_if_asked(self, engine, mid_epoch):
-        if mid_epoch and self.at_epoch_end(engine):
-            return  # the epoch's end comes first, then this is asked again
-        if self.agreed(engine, self.stops.requested, mid_epoch):
-            self.save(engine)
-            engine.terminate(skip_completed=True)
-
-    def save(self, engine):
-        here = (engine.state.iteration, len(self.progress.log))
-        if self.saved_at == here:
-            return
-        self.stop_if_loss_not_finite()
-        self.stop_if_weights_not_finite(engine.state.iteration)
-        self.progress.all_sums = self.ranks.gather(self.progress.sums())
-        if self.ranks.is_main:
-            with disk_errors_stop_training(self.folder.path):
-                self.checkpointer(engine)
-                self.folder.write_progress(self.progress.log, self.status())
-        self.saved_at = here
-        self.last_save_time = time.monotonic()
-
-    def stop_if_loss_not_finite(self):
-        """Never checkpoint weights that a NaN or inf loss has reached; keep the last good checkpoint."""
-        bad = int(max(self.ranks.gather(self.progress.first_bad.reshape(1)))) if self.ranks.world_size > 1 \
-            else int(self.progress.first_bad)
-        if bad:
-            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none"
-            raise RunError(f"the training loss became NaN or infinite at iteration {bad}; stopped without saving "
-                           f"anything after it (last checkpoint: {last}); start a new SAVE_PATH with a lower --lr")
-
-    def stop_if_weights_not_finite(self, iteration):
-        """A step can push weights to inf while its own loss was still finite: check before saving them."""
-        if not torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all():
-            last = f"iteration {self.saved_at[0]}" if self.saved_at else "none"
-            raise RunError(f"the weights became NaN or infinite at iteration {iteration}; stopped without saving "
-                           f"them (last checkpoint: {last}); start a new SAVE_PATH with a lower --lr")
-
     def log_now_and_then(self, engine):
-        self.stop_if_loss_not_finite()
-        self.monitors.iteration(engine.state.iteration, self.progress, self.optimizer.param_groups[0]["lr"])  # rank 0
+        self.checkpoint.check_loss_finite()
+        with disk_errors_stop_training(self.folder.path):  # TensorBoard, like the checkpoints
+            self.monitors.iteration(engine.state.iteration, self.progress, self.optimizer.param_groups[0]["lr"])
+
+    def finished(self):
+        return is_finished(self.status(), self.config["n_epochs"])
 
     def status(self):
         iteration = self.trainer.state.iteration
+        done = {"epochs_done": len(self.progress.log), "finished_early": self.progress.finished_early}
         return {
-            "epochs_done": len(self.progress.log),
+            **done,
             "iterations_done": iteration,
             "n_epochs": self.config["n_epochs"],
             "batches_per_epoch": len(self.stream),
-            "finished": iteration >= self.total_iterations,
+            "finished": is_finished(done, self.config["n_epochs"]),
             "best_valid_acc": self.progress.best_valid_acc,
             "last_checkpoint": f"checkpoint_{iteration}.pt",
             "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
 
     def end_epoch(self, engine):
+        """Validation, the log row and the best model; the Checkpoint extension saves right after."""
         p = self.progress
-        self.stop_if_loss_not_finite()
-        self.stop_if_weights_not_finite(engine.state.iteration)  # before they can become the best model
+        self.checkpoint.check_loss_finite()
+        self.checkpoint.check_weights_finite(engine.state.iteration)  # before they can become the best model
         loss_sum, correct, count = self.ranks.sum(p.sums()).tolist()  # the one host sync of the epoch
-        train_loss, train_acc = loss_sum / count, correct / count
         train_seconds = p.train_seconds()
         valid_started = time.perf_counter()
         valid_loss = valid_acc = None
         if len(self.valid[0]):
             valid_loss, valid_acc, _ = evaluate(self.model, *self.valid, self.device, self.precision,
                                                 batch_size=4 * self.config["batch_size"])
-        row = {
-            "epoch": len(p.log) + 1,
-            "iteration": engine.state.iteration,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "valid_loss": valid_loss,
-            "valid_acc": valid_acc,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
-            "images_per_second": count / train_seconds,
-            "finished_at": time.time(),
-        }
+        row = {"epoch": len(p.log) + 1, "iteration": engine.state.iteration, "train_loss": loss_sum / count,
+               "train_acc": correct / count, "valid_loss": valid_loss, "valid_acc": valid_acc,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
+               "images_per_second": count / train_seconds, "finished_at": time.time()}
         p.log.append(row)
         if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
             p.best_valid_acc = valid_acc
@@ -479,8 +349,10 @@ class MainLoop:
                 with disk_errors_stop_training(self.folder.path):
                     save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
-        self.save(engine)
-        self.monitors.epoch(p.log)
+
+    def draw(self, engine):
+        with disk_errors_stop_training(self.folder.path):  # curves.png and TensorBoard, like the checkpoints
+            self.monitors.epoch(self.progress.log)
 
     def say(self, line):
         if not self.ranks.is_main:

@@ -28,6 +28,14 @@ class Standardize(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def find_standardize(model):
+    """The model's Standardize brick, wherever the family put it (found by type, not position)."""
+    found = [m for m in model.modules() if isinstance(m, Standardize)]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__} must hold exactly one Standardize brick, it holds {len(found)}")
+    return found[0]
+
+
 class ConvBlock(nn.Sequential):
     """3x3 convolution (+ batch norm) + ReLU + 2x2 max-pool: halves the image, sets the channels."""
 
