@@ -28,11 +28,12 @@ from ignite.engine import Engine, Events
 
 from src import distributed
 from src.checkpoint import save_tensors
-from src.data import derive_seed, get_cifar, load_cifar
+from src.data import derive_seed, get_dataset, load_dataset
 from src.errors import UsageError
 from src.evaluation import evaluate
 from src.extensions import Checkpoint, StopOnSignal, disk_errors_stop_training
 from src.hardware import autocast, choose_device, choose_precision
+from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
 from src.optim import build_optimizer, learning_rate
@@ -133,14 +134,16 @@ class EpochData:
         return self.stream.epoch(state.epoch, start_batch=state.iteration % len(self.stream))
 
 
-def run_main_loop(config, save_path, build_model):
-    """Train `build_model(config)` as `config` says, in the run folder `save_path`; returns the exit code.
+def run_main_loop(config, save_path, build_model=None):
+    """Train `build_model(config)` (default: the family `config["model"]` names) as `config` says, in the
+    run folder `save_path`; returns the exit code.
 
     Under torchrun, every rank runs this; rank 0 alone owns the run folder (lock, files, output).
     config.json and meta.json are written only once every start-up check has passed (device, data,
     model), so a failed start leaves the folder free to take the corrected command.
     """
     ranks = distributed.from_environment(config["device"])
+    build_model = build_model or build_registered_model
     failed = True
     try:
         with contextlib.ExitStack() as cleanup:  # restores signals and streams, so a notebook can call this too
@@ -158,9 +161,9 @@ def run_main_loop(config, save_path, build_model):
             precision = choose_precision(config["precision"], device)
             if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
                 ranks.on_main(lambda: decode_data_once(config))
-            stream, valid = get_cifar(config["dataset"], config["augment"], config["batch_size"], config["seed"],
-                                      device, config["valid_size"], config["n_examples"], config["label_mode"],
-                                      shard=(ranks.rank, ranks.world_size))
+            stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"],
+                                        device, config["valid_size"], config["n_examples"], config["label_mode"],
+                                        shard=(ranks.rank, ranks.world_size))
             if stream.batch_size % ranks.world_size:
                 raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
                                  f"{ranks.world_size} processes: change --batch_size")
@@ -180,7 +183,7 @@ def run_main_loop(config, save_path, build_model):
 
 
 def decode_data_once(config):
-    load_cifar(config["dataset"], label_mode=config["label_mode"])  # builds the cache; nothing to broadcast
+    load_dataset(config["dataset"], label_mode=config["label_mode"])  # builds the cache; nothing to broadcast
 
 
 def open_run_folder(folder, config, cleanup):

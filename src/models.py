@@ -64,6 +64,7 @@ class SimpleCNN(nn.Sequential):
 
 
 def build_simple_cnn(config):
+    """The simple CNN family (configs/simple_cnn.py)."""
     return SimpleCNN(
         n_layers=config["n_layers"],
         n_filters=config["n_filters"],
@@ -72,3 +73,16 @@ def build_simple_cnn(config):
         batch_norm=config["batch_norm"],
         dropout=config["dropout"],
     )
+
+
+# Model families by name: the `model` key of a config. Add one with a builder `(config) -> nn.Module`
+# (taking uint8 images, with one Standardize brick) and a line here; its configs go in configs/<name>.py.
+MODELS = {"simple_cnn": build_simple_cnn}
+
+
+def build_model(config):
+    """The model of `config["model"]` (runs saved before the key existed are simple CNNs)."""
+    name = config.get("model", "simple_cnn")
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[name](config)

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 
 from src.cli import dispatch, exit_codes  # noqa: E402
+from src.main_loop import build_training_model, train_step  # noqa: E402  (the loop's own step, timed bare)
+from src.models import build_model  # noqa: E402
 
 SCRATCH = "scratch"
 RESULT_FILE = "scratch/bench.json"
@@ -26,30 +28,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def make_model(config, device, channels_last):
-    import torch
-
-    from src.models import build_simple_cnn
-
-    torch.manual_seed(0)
-    model = build_simple_cnn(config)
-    model[0].channels_last = channels_last
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    return model, optimizer
-
-
-def train_step(model, optimizer, images, labels, device, precision):
-    import torch.nn.functional as F
-
-    from src.hardware import autocast
-
-    with autocast(device, precision):
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def make_model(config, stream, device, precision):
+    """The model and optimizer exactly as the main loop builds them (same seed, statistics, memory format)."""
+    return build_training_model(config, build_model, stream, device, precision)
 
 
 def time_images(run, n_images, device):
@@ -67,14 +48,14 @@ class Bench:
 
         self.config, self.data_dir, self.steps = config, data_dir, steps
         self.device, self.precision = device, precision
-        self.channels_last = device.type == "cuda" or precision == "bf16"
+        self.channels_last = device.type == "cuda" or precision == "bf16"  # as build_training_model decides
         self.stream, self.valid = get_cifar("cifar10", True, config["batch_size"], 1, device,
                                             config["valid_size"], -1, data_dir=data_dir)
         # Distinct batches, as training sees them (one batch reused would sit in the CPU caches).
         self.batches = [batch for _, batch in zip(range(steps), self.stream.epoch(1), strict=False)]
         self.images, self.labels = self.batches[0]
-        self.fp32 = make_model(config, device, channels_last=False)
-        self.best = make_model(config, device, channels_last=self.channels_last)
+        self.fp32 = make_model(config, self.stream, device, "fp32")
+        self.best = make_model(config, self.stream, device, precision)
         for _ in range(3):  # warm-up: kernels chosen, memory allocated
             self.bare(*self.fp32, "fp32")
             self.bare(*self.best, precision)
@@ -121,11 +102,10 @@ class Bench:
 
         from src.analysis import read_log
         from src.main_loop import run_main_loop
-        from src.models import build_simple_cnn
 
         with tempfile.TemporaryDirectory(dir=self.data_dir) as folder, redirect_stdout(io.StringIO()):
             os.environ["DATA_DIR"] = str(self.data_dir)
-            run_main_loop({**self.config, "n_epochs": 3}, Path(folder) / "run", build_simple_cnn)
+            run_main_loop({**self.config, "n_epochs": 3}, Path(folder) / "run", build_model)
             log = read_log(Path(folder) / "run")
         n_images = len(self.stream) * self.stream.batch_size
         return {"epoch": n_images / (log["finished_at"].iloc[2] - log["finished_at"].iloc[1]),
@@ -147,7 +127,7 @@ class Bench:
                     "trainer": {"iteration": 1, "epoch_length": 1, "max_epochs": 1}}
         with tempfile.TemporaryDirectory(dir=self.data_dir) as folder:
             started = time.perf_counter()
-            save_tensors(contents, Path(folder) / "checkpoint_1.pt")
+            save_tensors(contents, Path(folder) / "checkpoint_1.pt", checksum=True)  # as the main loop writes it
             return 1000 * (time.perf_counter() - started)
 
     def per_sample_reference(self):
@@ -254,7 +234,7 @@ def measure_compile(bench):
     """torch.compile of the training forward: compile time, then the steady-state rate."""
     import torch
 
-    model, optimizer = make_model(bench.config, bench.device, bench.channels_last)
+    model, optimizer = make_model(bench.config, bench.stream, bench.device, bench.precision)
     compiled = torch.compile(model)
     started = time.perf_counter()
     train_step(compiled, optimizer, bench.images, bench.labels, bench.device, bench.precision)
@@ -272,7 +252,8 @@ def measure_compile(bench):
 def print_table(result, environment, compiled):
     best = result["bare_best"]
     rows = [
-        ("(a) bare step, fp32, NCHW", result["bare_fp32"]),
+        (f"(a) bare step, fp32, {'channels_last' if environment['device'].startswith('cuda') else 'NCHW'}",
+         result["bare_fp32"]),
         (f"(a) bare step, {environment['precision']}, "
          f"{'channels_last' if environment['channels_last'] else 'NCHW'}", best),
         ("    the same on 1 thread", result["bare_best_one_thread"]),
