@@ -6,9 +6,16 @@ CHOICES = {
     "dataset": ("cifar10", "cifar100"),
     "label_mode": ("fine", "coarse"),
     "lr_schedule": ("constant", "cosine", "linear"),
+    "optimizer": ("sgd", "nesterov", "adamw"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16"),
 }
+# The label sets each dataset has, and their classes (as src.data.DATASETS says; a test keeps them equal).
+CLASSES = {("cifar10", "fine"): 10, ("cifar100", "fine"): 100, ("cifar100", "coarse"): 20}
+TRAIN_IMAGES = 50000  # in CIFAR-10 and CIFAR-100 alike
+# Far above any model this family is meant for (n_filters=512, n_layers=5 has 0.4e9; WRN-28-10 has
+# 0.04e9), yet training one this size takes 24 GB (weights, gradients, momentum): a larger count is a typo.
+MAX_PARAMETERS = 2 * 10**9
 
 simple_cnn_configs = ConfigRegistry()
 simple_cnn_configs.set_root(
@@ -26,6 +33,8 @@ simple_cnn_configs.set_root(
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "lr_schedule": "cosine",  # constant | cosine | linear (to 0 at the last iteration)
+        "optimizer": "sgd",  # sgd | nesterov | adamw (beta1 = momentum)
+        "adam_beta2": 0.999,  # adamw only
         "augment": True,  # random crop (padding 4) and horizontal flip
         "valid_size": 5000,  # held out of the 50,000 training images
         "n_examples": -1,  # how many of the rest to train on; -1 = all
@@ -45,7 +54,11 @@ simple_cnn_configs.derive("cifar100_coarse", dataset="cifar100", label_mode="coa
 
 
 def validate(config):
-    """Check the values that a type alone cannot; returns the problems as a list of lines."""
+    """Check the values that a type alone cannot; returns the problems as a list of lines.
+
+    Sizes are checked against what the hardware could ever hold, computed from the config alone,
+    so an absurd value is refused before anything is built or written.
+    """
     problems = [
         f"--{key} must be one of {', '.join(allowed)}, not '{config[key]}'"
         for key, allowed in CHOICES.items()
@@ -69,4 +82,35 @@ def validate(config):
         problems.append(f"--num_threads must be 0 (PyTorch's choice) or more, not {config['num_threads']}")
     if config["checkpoint_every_n_batches"] < 0:
         problems.append("--checkpoint_every_n_batches must not be negative")
+    if config["batch_size"] > TRAIN_IMAGES:
+        problems.append(f"--batch_size must be at most {TRAIN_IMAGES} (the training images CIFAR has), "
+                        f"not {config['batch_size']}")
+    known = config["dataset"] in CHOICES["dataset"] and config["label_mode"] in CHOICES["label_mode"]
+    if known and (config["dataset"], config["label_mode"]) not in CLASSES:
+        problems.append(f"--label_mode={config['label_mode']} needs --dataset=cifar100 "
+                        f"({config['dataset']} has fine labels only)")
+    sizes_sane = 1 <= config["n_layers"] <= 5 and config["n_filters"] >= 1 and config["dim_dense"] >= 1
+    if sizes_sane and (config["dataset"], config["label_mode"]) in CLASSES:  # what the count needs
+        problems += _size_problems(config)
     return problems
+
+
+def simple_cnn_parameters(config):
+    """How many parameters `src.models.build_simple_cnn(config)` has, without building it."""
+    count, channels = 0, 3
+    for i in range(config["n_layers"]):
+        out = config["n_filters"] * 2**i
+        count += channels * out * 9 + (2 * out if config["batch_norm"] else out)  # conv (+ bias or batch norm)
+        channels = out
+    side = 32 // 2 ** config["n_layers"]
+    n_outputs = CLASSES[config["dataset"], config["label_mode"]]
+    return count + (channels * side * side + 1) * config["dim_dense"] + (config["dim_dense"] + 1) * n_outputs
+
+
+def _size_problems(config):
+    count = simple_cnn_parameters(config)
+    if count <= MAX_PARAMETERS:
+        return []
+    sizes = ", ".join(f"--{key}={config[key]}" for key in ("n_layers", "n_filters", "dim_dense"))
+    return [f"{sizes} give a model of {count:.3g} parameters; at most {MAX_PARAMETERS:,} can be trained "
+            "(4 bytes for each weight, its gradient and the optimizer's state of it)"]

@@ -1,6 +1,8 @@
 """Read run folders back in a notebook: `ml = load_main_loop("results/my_run")`, `load_runs("results")`.
 
-Reading never runs code from a folder: checkpoints load with `torch.load(weights_only=True)`.
+Reading never runs code from a folder: checkpoints load with `torch.load(weights_only=True)`. What a
+folder holds is checked as it is read: a file that is not what the runner writes (edited, truncated,
+copied from another run) raises `UnreadableRun`, one line naming the file, never a stray traceback.
 """
 import functools
 import json
@@ -8,10 +10,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.config import MAX_NESTING, check_value, nesting_depth
+from src.errors import RunError, UsageError
 from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS
 
 # The columns `load_runs` adds to a run's config keys.
 RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours")
+# Columns of log.jsonl that hold numbers (or null); anything else there means the file is not a log.
+LOG_NUMBERS = ("epoch", "iteration", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "epoch_seconds",
+               "images_per_second", "finished_at")
+STATUS_COUNTS = ("epochs_done", "iterations_done", "n_epochs")
+
+
+class UnreadableRun(RunError, ValueError):
+    """A file of a run folder is not what the runner writes; the message names it (exit 1 in the scripts)."""
 
 
 @dataclass
@@ -34,9 +46,42 @@ class LoadedRun:
         best = self.path / BEST_MODEL
         if not best.exists():
             return None
-        model = _build(self.config, self.build_model)
-        model.load_state_dict(load_tensors(best))
+        model = _build(self.config, self.build_model, self.path / CONFIG)
+        _load_weights(model, load_tensors(best), best, self.path / CONFIG)
         return model.eval()
+
+
+def parse_json(text, where):
+    """The value of the JSON `text`; UnreadableRun naming `where` when it is not JSON or nests absurdly deep."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UnreadableRun(f"{where} is not valid JSON ({str(e)[:100]})") from None
+    except RecursionError:  # json gives up a few thousand levels deep
+        raise UnreadableRun(f"{where} nests lists or dicts too deeply to read") from None
+    if nesting_depth(value) > MAX_NESTING:
+        raise UnreadableRun(f"{where} nests lists or dicts more than {MAX_NESTING} deep")
+    return value
+
+
+def read_object(path):
+    """The JSON object (a dict) in the file `path`; FileNotFoundError when there is none."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise UnreadableRun(f"{path} is not valid JSON (not UTF-8 text)") from None
+    value = parse_json(text, path)
+    if not isinstance(value, dict):
+        raise UnreadableRun(f"{path} holds a JSON {json_kind(value)}, not an object of key: value")
+    return value
+
+
+def json_kind(value):
+    """What JSON calls the type of `value`, as parsed by json.loads."""
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def read_log(path):
@@ -44,39 +89,111 @@ def read_log(path):
     import pandas as pd
 
     log_file = Path(path) / LOG
-    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.exists() else []
+    try:
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
+    except UnicodeDecodeError:
+        raise UnreadableRun(f"{log_file} is not a log (not UTF-8 text)") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            rows.append(_log_row(parse_json(line, f"{log_file} line {number}"), f"{log_file} line {number}"))
     return pd.DataFrame(rows)
+
+
+def _log_row(row, where):
+    if not isinstance(row, dict):
+        raise UnreadableRun(f"{where} is a JSON {json_kind(row)}, not an object")
+    for key in LOG_NUMBERS:
+        if row.get(key) is not None and not _is_number(row[key]):
+            raise UnreadableRun(f"{where}: {key} is {_shown(row[key])}, not a number")
+    return row
+
+
+def _is_number(value):
+    """A float (nan and inf included: a diverged validation may log them), or an int that fits 64 bits."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, float) or (isinstance(value, int) and -2**63 <= value < 2**63)
+
+
+def _shown(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def read_status(path, config):
     status_file = Path(path) / STATUS
-    if status_file.exists():
-        return json.loads(status_file.read_text())
-    return {"epochs_done": 0, "iterations_done": 0, "n_epochs": config["n_epochs"], "finished": False}
+    if not status_file.exists():
+        return {"epochs_done": 0, "iterations_done": 0, "n_epochs": config["n_epochs"], "finished": False}
+    status = read_object(status_file)
+    for key in STATUS_COUNTS:
+        value = status.get(key)
+        if value is not None and not (_is_number(value) and isinstance(value, int) and 0 <= value):
+            raise UnreadableRun(f"{status_file}: {key} is {_shown(value)}, not a count")
+    return status
+
+
+def read_config(path, check=False):
+    """config.json of the run in `path`. With `check`, as the simple CNN's runner would accept it: every key
+    of the root's type and valid; keys the root gained since the run was saved take their root value."""
+    config_file = Path(path) / CONFIG
+    config = read_object(config_file)
+    if not check:
+        return config
+    from configs.simple_cnn import simple_cnn_configs, validate
+
+    root = simple_cnn_configs.root
+    try:
+        checked = {**root, **{k: check_value(k, v, root) if k in root else v for k, v in config.items()}}
+    except UsageError as e:
+        raise UnreadableRun(f"{config_file}: {e}") from None
+    problems = validate(checked)
+    if problems:
+        raise UnreadableRun(f"{config_file}: {'; '.join(problems)}")
+    return checked
 
 
 def load_main_loop(save_path, build_model=None):
-    """-> LoadedRun(config, log (one row per finished epoch), model (latest weights, eval mode), status)."""
+    """-> LoadedRun(config, log (one row per finished epoch), model (latest weights, eval mode), status).
+
+    Raises FileNotFoundError for a folder that is no run, UnreadableRun for a file that cannot be used,
+    src.checkpoint.CorruptCheckpoint when no checkpoint is whole.
+    """
     from src.checkpoint import load_newest
 
     path = Path(save_path)
     if not (path / CONFIG).exists():
         raise FileNotFoundError(f"{path} is not a run folder: it has no {CONFIG}")
-    config = json.loads((path / CONFIG).read_text())
+    config = read_config(path, check=build_model is None)
+    log, status = read_log(path), read_status(path, config)
     found = load_newest(path / CHECKPOINTS, ("model",), warn=lambda line: None)
     model = None
     if found is not None:
-        model = _build(config, build_model)
-        model.load_state_dict(found[1]["model"])
+        model = _build(config, build_model, path / CONFIG)
+        _load_weights(model, found[1]["model"], found[0], path / CONFIG)
         model.eval()
-    return LoadedRun(path, config, read_log(path), model, read_status(path, config), build_model,
-                     found[0] if found else None)
+    return LoadedRun(path, config, log, model, status, build_model, found[0] if found else None)
 
 
-def _build(config, build_model):
+def _build(config, build_model, config_file):
     if build_model is None:
         from src.models import build_simple_cnn as build_model
-    return build_model(config)
+    try:
+        return build_model(config)
+    except (KeyError, TypeError, ValueError) as e:  # a key missing from, or mistyped in, config.json
+        raise UnreadableRun(f"{config_file} does not describe a model that can be built "
+                            f"({type(e).__name__}: {str(e)[:150]})") from e
+
+
+def _load_weights(model, weights, source, config_file):
+    """`weights` into `model`, or one line saying why they do not fit it (other sizes, another model, no weights)."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:200]
+        raise UnreadableRun(f"{source} does not fit the model that {config_file} describes ({detail}); "
+                            "was one of them edited, or copied from another run?") from None
 
 
 def run_state(path, status):
@@ -115,9 +232,7 @@ def find_runs(folder):
 
 def summarize_run(path):
     """One row for a table of runs: config keys plus where the run is and how well it does (no weights loaded)."""
-    config = json.loads((Path(path) / CONFIG).read_text())
-    if not isinstance(config, dict):
-        raise ValueError(f"{CONFIG} is not a config")
+    config = read_config(path)
     log = read_log(path)
     status = read_status(path, config)
     has_valid = "valid_acc" in log and log["valid_acc"].notna().any()
@@ -127,7 +242,8 @@ def summarize_run(path):
         "best_valid_acc": float(log["valid_acc"].max()) if has_valid else None,
         "last_valid_acc": float(log["valid_acc"].iloc[-1]) if has_valid else None,
         "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else None,
-        "training_hours": float(log["epoch_seconds"].sum()) / 3600 if len(log) else 0.0,
+        # Python's sum: absurd logged times add up to inf quietly, where numpy's would warn of an overflow
+        "training_hours": sum(log["epoch_seconds"].dropna().tolist(), 0.0) / 3600 if len(log) else 0.0,
     }
     assert tuple(metrics) == RUN_METRICS
     return config, metrics

@@ -1,7 +1,9 @@
 """Command-line plumbing shared by the scripts: config overrides through argh, and exit codes.
 
 Exit codes: 0 done; 2 bad usage or config; 1 a runtime failure or refusal; 128 + N after signal N.
-User errors print one line on stderr, never a traceback.
+User errors print one line on stderr, never a traceback. So does a Ctrl-C that reaches `user_errors`
+as a KeyboardInterrupt (the scripts exit at once on SIGINT by themselves; this covers other callers):
+exit 130, as after any SIGINT.
 """
 import argparse
 import contextlib
@@ -13,6 +15,9 @@ import argh
 
 from src.config import apply_overrides, check_known_key, type_name
 from src.errors import RunError, UsageError
+
+
+INTERRUPTED = "SIGINT: exiting now"  # what the runner says when Ctrl-C comes before its loop
 
 
 class OneLineErrorParser(argh.ArghParser):
@@ -38,6 +43,9 @@ def user_errors():
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # nothing of ours was in progress: the main loop handles SIGINT itself
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
 
 
 def exit_codes(main):
@@ -59,7 +67,8 @@ def dispatch(function, argv=None, description=None):
             for w in argv]
     parser = OneLineErrorParser(description=description)
     argh.set_default_command(parser, function)
-    argh.dispatch(parser, argv=argv)
+    with user_errors():  # a Ctrl-C while argh parses, before `function` runs
+        argh.dispatch(parser, argv=argv)
 
 
 def dispatch_with_overrides(run, registry, argv=None, description=None):
@@ -86,8 +95,8 @@ def dispatch_with_overrides(run, registry, argv=None, description=None):
         overrides.add_argument(f"--{key}", default=None, metavar=type_name(value).split()[0].upper(),
                                help=f"default: {json.dumps(value)}")
     argh.set_default_command(parser, command)
-    with user_errors():  # before argparse, which would accept abbreviations and give no hint
-        for word in argv:
+    with user_errors():
+        for word in argv:  # before argparse, which would accept abbreviations and give no hint
             if word.startswith("--") and word not in ("--help", "--"):
                 check_known_key(word[2:].split("=", 1)[0], root)
-    argh.dispatch(parser, argv=argv)
+        argh.dispatch(parser, argv=argv)

@@ -12,6 +12,9 @@ from src.errors import UsageError
 
 TRUE_WORDS = {"true", "yes", "1"}
 FALSE_WORDS = {"false", "no", "0"}
+# Lists and dicts in a config nest this deep at most: far beyond any real value, and well inside what
+# json (and the indented writer of config.json, which recurses twice per level) can handle.
+MAX_NESTING = 32
 
 
 class ConfigRegistry:
@@ -56,6 +59,8 @@ class ConfigRegistry:
             raise UsageError(f"config file {path} does not exist") from None
         except (OSError, ValueError) as e:
             raise UsageError(f"config file {path} is not valid JSON: {e}") from None
+        except RecursionError:  # json gives up on nesting a few thousand deep
+            raise UsageError(f"config file {path} nests lists or dicts too deeply to read") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"config file {path} must hold a JSON object of key: value")
         config = self.root
@@ -69,7 +74,7 @@ def check_known_key(key, config, where=""):
     if key not in config:
         close = difflib.get_close_matches(key, list(config), n=1)
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the keys"
-        raise UsageError(f"{where}unknown config key '{key}'{hint}")
+        raise UsageError(f"{where}unknown config key '{_clip(key)}'{hint}")
 
 
 def type_name(value):
@@ -84,21 +89,46 @@ def check_value(key, value, config):
     if expected is float and type(value) is int:
         return float(value)
     if type(value) is not expected:
-        raise UsageError(f"bad value {value!r} for --{key}: expected {type_name(config[key])}")
+        raise UsageError(f"bad value {_short(value)} for --{key}: expected {type_name(config[key])}")
+    if expected in (list, dict) and nesting_depth(value) > MAX_NESTING:
+        raise UsageError(f"bad value for --{key}: lists or dicts nested more than {MAX_NESTING} deep")
     return value
+
+
+def nesting_depth(value):
+    """How deep lists and dicts nest in `value` (a scalar is 0); without recursion, so any depth is safe."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _short(value, limit=60):
+    """repr(value) cut to `limit` characters: a huge or deeply nested value still gives a short line."""
+    if nesting_depth(value) > MAX_NESTING:  # repr itself would recurse too deeply
+        return f"(a {type(value).__name__} nested more than {MAX_NESTING} deep)"
+    return _clip(repr(value), limit)
+
+
+def _clip(text, limit=60):
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_value(key, text, config):
     """Turn the text of `--key=text` into a value of the root's type for `key`."""
     expected = type(config[key])
-    bad = UsageError(f"bad value '{text}' for --{key}: expected {type_name(config[key])}")
+    shown = _clip(text)
+    bad = UsageError(f"bad value '{shown}' for --{key}: expected {type_name(config[key])}")
     if expected is bool:
         word = text.strip().lower()
         if word in TRUE_WORDS:
             return True
         if word in FALSE_WORDS:
             return False
-        raise UsageError(f"bad value '{text}' for --{key}: expected bool (true/false/yes/no/1/0)")
+        raise UsageError(f"bad value '{shown}' for --{key}: expected bool (true/false/yes/no/1/0)")
     if expected in (int, float):
         try:
             return expected(text)
@@ -108,7 +138,7 @@ def parse_value(key, text, config):
         return text
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise bad from None
     return check_value(key, value, config)
 

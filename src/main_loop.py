@@ -29,7 +29,7 @@ from ignite.engine import Engine, Events
 from src import distributed
 from src.checkpoint import save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
-from src.errors import UsageError
+from src.errors import RunError, UsageError
 from src.evaluation import evaluate
 from src.extensions import Checkpoint, StopOnSignal, disk_errors_stop_training
 from src.hardware import autocast, choose_device, choose_precision
@@ -200,12 +200,15 @@ def open_run_folder(folder, config, cleanup):
 def build_training_model(config, build_model, stream, device, precision):
     """The model with its input statistics, on the device, in the fastest memory format; and its optimizer."""
     torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
-    model = build_model(config)
-    standardize = find_standardize(model)
-    standardize.set_statistics(stream.mean, stream.std)
     channels_last = device.type == "cuda" or precision == "bf16"
-    standardize.channels_last = channels_last
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    try:
+        model = build_model(config)
+        standardize = find_standardize(model)
+        standardize.set_statistics(stream.mean, stream.std)
+        standardize.channels_last = channels_last
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise RunError(f"the model does not fit in memory ({str(e).splitlines()[0][:150]}); make it smaller") from None
     return model, build_optimizer(config, model.parameters())
 
 

@@ -46,6 +46,7 @@ def plot_runs(logs, path, title="Runs compared"):
     figure.suptitle(title)
     acc_axes, loss_axes = figure.subplots(1, 2)
     for name, log in logs.items():
+        log = log.reindex(columns=["epoch", "valid_acc", "valid_loss", "train_loss"])  # a column missing: a gap
         if not len(log):
             continue
         line = acc_axes.plot(log["epoch"], log["valid_acc"], label=name, **TRAIN_STYLE)[0]

@@ -9,10 +9,12 @@ requeues the job, which then resumes the run.
 """
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from src.errors import UsageError
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_simple_CNN.py"
 PLAN = "sweep.json"
 UNLIMITED = 10**6
+MAX_POINTS = 10000  # a sweep folder of more runs than this is a typo, not an experiment
 
 
 def split_values(key, text, root):
@@ -38,7 +41,13 @@ def expand_grid(overrides, root, seeds=0):
     if seeds:
         if "seed" in axes:
             raise UsageError("give either --seeds=N or --seed=..., not both")
+        size = math.prod(len(values) for values in axes.values()) * seeds
+        if size > MAX_POINTS:  # checked before the seeds are listed: --seeds=10**9 would fill the memory
+            raise UsageError(f"the grid would have {size} points; at most {MAX_POINTS} (a typo in --seeds?)")
         axes["seed"] = list(range(1, seeds + 1))
+    size = math.prod(len(values) for values in axes.values())
+    if size > MAX_POINTS:
+        raise UsageError(f"the grid would have {size} points; at most {MAX_POINTS}: split it into several sweeps")
     keys = list(axes)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(axes[k] for k in keys))]
 
@@ -73,47 +82,117 @@ def plan_sweep(config, sweep_dir, overrides, root, seeds=0, base=None):
 def is_finished(run_dir, expected_config):
     """Finished with exactly this config; anything else (a raised n_epochs, a changed key) goes to the
     runner, which trains further, resumes, or refuses with the reason."""
+    from src.analysis import read_object
+
     try:
-        status = json.loads((Path(run_dir) / "status.json").read_text())
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+        status = read_object(Path(run_dir) / "status.json")
+        saved = read_object(Path(run_dir) / "config.json")
+    except (OSError, ValueError):  # missing or unreadable (src.analysis.UnreadableRun): the runner says which
         return False
     return bool(status.get("finished")) and saved == expected_config
 
 
+class RunFailed(Exception):
+    """A point's run ended without finishing; the message is the runner's own one-line reason."""
+
+
+# How a RunFailed reads in the traceback submitit hands back to the sweep.
+RUN_FAILED = f"{RunFailed.__module__}.{RunFailed.__qualname__}: "
+
+
 class TrainingJob:
-    """What submitit runs for one point: the runner in a subprocess, requeued after a time-out or preemption."""
+    """What submitit runs for one point: the runner in a subprocess, requeued after a time-out or preemption.
+
+    SIGTERM or SIGINT to the job (from the sweep, Slurm or a terminal) is passed on to the run as SIGTERM,
+    once, and the job waits for the run to finish its step, checkpoint and exit. SIGTERM, since a run
+    that got the terminal's SIGINT itself ignores it, where a second SIGINT would make it exit at once.
+    """
 
     def __init__(self, config, save_path, arguments, environment=None):
         """`environment`: variables to set (a value) or unset (None) for the run, over the job's own."""
         self.config, self.save_path, self.arguments = config, str(save_path), list(arguments)
         self.environment = dict(environment or {})
-        self._process = self._waiter = None
+        self._process = self._waiter = self._stderr = self._stop_signal = None
+        self._copied = 0  # bytes of the run's stderr already copied to the job's
+        self._passed_on = False  # whether the run got its SIGTERM
 
     def command(self):
         return [sys.executable, str(TRAIN_SCRIPT), self.config, self.save_path, *self.arguments]
 
     def start(self):
         """Start the run; a thread waits for it, so that the main thread, where submitit's signal handler
-        runs, never sits inside Popen.wait (whose lock a handler calling wait again would deadlock on)."""
+        runs, never sits inside Popen.wait (whose lock a handler calling wait again would deadlock on).
+        The run's stderr goes to a file (a pipe would break if this job died first) that the thread copies
+        to the job's stderr as it grows, and that gives the run's last `error: ...` line in the end."""
         env = dict(os.environ)
         for name, value in self.environment.items():
             if value is None:
                 env.pop(name, None)
             else:
                 env[name] = value
-        self._process = subprocess.Popen(self.command(), env=env)
-        self._waiter = threading.Thread(target=self._process.wait, daemon=True)
+        self._stderr, self._copied = tempfile.TemporaryFile(), 0
+        self._process = subprocess.Popen(self.command(), env=env, stderr=self._stderr)
+        self._waiter = threading.Thread(target=self._wait, daemon=True)
         self._waiter.start()
 
+    def _wait(self):
+        while self._process.poll() is None:
+            self._copy_stderr()
+            time.sleep(0.2)
+        self._copy_stderr()
+
+    def _copy_stderr(self):
+        """What the run wrote to stderr since the last call, on to the job's stderr (pread: the run's offset stays)."""
+        while chunk := os.pread(self._stderr.fileno(), 1 << 16, self._copied):
+            self._copied += len(chunk)
+            try:
+                sys.stderr.flush()  # what the job itself printed goes first
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # the job's own stderr is gone or odd: the run's stderr.log still has it all
+
     def __call__(self):
-        self.start()
-        while self._waiter.is_alive():
-            self._waiter.join(0.5)
-        code = self._process.returncode
-        if code != 0:
-            raise RuntimeError(f"{' '.join(self.command())} exited with {code}; see {self.save_path}/stderr.log")
+        previous = {number: signal.signal(number, self._pass_on) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self._stop_signal is None:
+                self.start()
+                if self._stop_signal is not None:  # it came while the run was being started
+                    self._pass_on(self._stop_signal, None)
+                while self._waiter.is_alive():
+                    self._waiter.join(0.5)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        if self._process is None:
+            raise RunFailed(f"stopped by {signal_name(self._stop_signal)} before the run started; "
+                            "rerun the sweep to run it")
+        if self._process.returncode != 0:
+            raise RunFailed(self.failure())
         return self.save_path
+
+    def _pass_on(self, number, frame):
+        """SIGTERM or SIGINT to this job: the run checkpoints and exits. Only once: a repeat reaching the run
+        after its loop had ended (its handler gone) would kill it during its exit."""
+        self._stop_signal = number
+        if self._process is not None and not self._passed_on:
+            self._passed_on = True
+            self._process.send_signal(signal.SIGTERM)
+
+    def failure(self):
+        """One line saying why the run did not finish: its last `error: ...` line, or how it ended."""
+        code = self._process.returncode
+        if code < 0 or 128 < code < 128 + 65:  # killed by a signal, or stopped by one with a checkpoint
+            name = signal_name(-code if code < 0 else code - 128)
+            return f"ended by {name}; rerun the sweep to resume it"
+        size = os.fstat(self._stderr.fileno()).st_size
+        tail = os.pread(self._stderr.fileno(), 1 << 16, max(0, size - (1 << 16))).decode(errors="replace")
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        if errors:
+            return errors[-1][len("error: "):]
+        last = f": {lines[-1][:200]}" if lines else ""
+        return f"the run exited with {code}{last} (see {self.save_path}/stderr.log)"
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on its time-out/preemption signal: let the run checkpoint, then requeue it."""
@@ -127,7 +206,15 @@ class TrainingJob:
 
     def __getstate__(self):
         return {"config": self.config, "save_path": self.save_path, "arguments": self.arguments,
-                "environment": self.environment, "_process": None, "_waiter": None}
+                "environment": self.environment, "_process": None, "_waiter": None, "_stderr": None,
+                "_stop_signal": None, "_copied": 0, "_passed_on": False}
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def slurm_parameters(name, partition=None, time_min=60, gpus=0, cpus=4, mem_gb=16, array_parallelism=8):
@@ -163,24 +250,83 @@ def make_executor(backend, sweep_dir, parameters):
     return executor
 
 
+class SweepStop:
+    """SIGTERM or SIGINT to a local sweep: start nothing more, pass the signal on to the running jobs, wait
+    for their runs to checkpoint and exit, then exit 128 + N. A second SIGINT exits at once, without
+    waiting (from a terminal, the runs get it too, and exit at once themselves)."""
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {n: signal.signal(n, self._handle) for n in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame):
+        name = signal_name(number)
+        if self.signal_number is not None:
+            if number == signal.SIGINT:
+                _say(f"\n{name} again: exiting now, without waiting for the runs\n")
+                os._exit(128 + number)
+            return
+        self.signal_number = number
+        _say(f"\n{name}: stopping the running points (each writes a checkpoint), then exiting "
+             "(send SIGINT again to exit at once)\n")
+
+
+def _say(text):
+    """Straight to file descriptor 2: a handler that used sys.stderr could re-enter a write in progress."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+def submit_shielded(executor, job):
+    """Submit with SIGINT ignored, which the job's processes inherit: a terminal's Ctrl-C then reaches the
+    run (which checkpoints), its job and this sweep (which pass it on), but not submitit's controller,
+    which would kill the job a second later, before its run had written its checkpoint."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return executor.submit(job)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_local(jobs_to_run, executor, max_parallel, say=print):
-    """Submit at most `max_parallel` jobs at a time; -> {save_path: error text or None}."""
-    pending, running, outcome = list(jobs_to_run), [], {}
-    while pending or running:
-        while pending and len(running) < max_parallel:
-            job = pending.pop(0)
-            running.append((job, executor.submit(job)))
-            say(f"started {job.save_path}")
-        still = []
-        for job, handle in running:
-            if handle.done():
-                outcome[job.save_path] = _error_of(handle)
-                say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path}")
-            else:
-                still.append((job, handle))
-        running = still
-        time.sleep(0.2)
-    return outcome
+    """Submit at most `max_parallel` jobs at a time -> ({save_path: error text or None}, the stopping signal or None).
+
+    On SIGTERM/SIGINT, each running job's controller gets SIGTERM, which submitit passes to the job and the
+    job, once, to its run; repeated every second, since a process still starting may not have its
+    handler yet."""
+    pending, running, outcome, passed_on = list(jobs_to_run), [], {}, 0.0
+    with SweepStop() as stop:
+        while pending or running:
+            if stop.signal_number is not None:
+                pending.clear()
+                if time.monotonic() - passed_on >= 1:
+                    for _, handle in running:
+                        handle._process.send_signal(signal.SIGTERM)  # submitit's controller forwards SIGTERM
+                    passed_on = time.monotonic()
+            while pending and len(running) < max_parallel:
+                job = pending.pop(0)
+                running.append((job, submit_shielded(executor, job)))
+                say(f"started {job.save_path}")
+            still = []
+            for job, handle in running:
+                if handle.done():
+                    outcome[job.save_path] = _error_of(handle, shared_disk=False)
+                    say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path}")
+                else:
+                    still.append((job, handle))
+            running = still
+            time.sleep(0.2)
+    return outcome, stop.signal_number
 
 
 def run_slurm(jobs_to_run, executor, say=print):
@@ -191,9 +337,36 @@ def run_slurm(jobs_to_run, executor, say=print):
     return {job.save_path: _error_of(handle) for job, handle in zip(jobs_to_run, handles, strict=True)}
 
 
-def _error_of(handle):
+def _error_of(handle, shared_disk=True):
+    """None when the job succeeded, else one line: the run's reason, or the last line of what failed.
+
+    A local job's result is on this machine's disk when it ends: without `shared_disk`, a missing one is
+    reported at once, where submitit would give a shared file system 15 s to show it."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    lost = f"its job ended without a result (log: {handle.paths.stderr}); rerun the sweep to resume it"
+    if not shared_disk and not handle.paths.result_pickle.exists():
+        return lost
     try:
         handle.result()
         return None
-    except Exception as e:  # submitit re-raises the job's failure with its traceback as text
-        return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    except UncompletedJobError as e:
+        if not isinstance(e, FailedJobError):  # killed, or stopped before it could start its run
+            return lost
+        error = e  # the job raised: submitit gives its traceback as text
+    except Exception as e:
+        error = e
+    return failure_line(str(error)) or type(error).__name__
+
+
+def failure_line(text):
+    """From submitit's report of a failed job: our RunFailed's reason; else the exception line of the trace,
+    which submitit frames in dashed lines; else its first line."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    reasons = [line[len(RUN_FAILED):] for line in lines if line.startswith(RUN_FAILED)]
+    if reasons:
+        return reasons[-1]
+    frames = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    if len(frames) >= 2 and frames[-1] > 0:
+        return lines[frames[-1] - 1].strip()
+    return lines[0].strip() if lines else None

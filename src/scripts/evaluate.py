@@ -2,10 +2,23 @@
 
 The only code in this project that reads the test set. Writes SAVE_PATH/eval_test.json.
 """
+import os
+import signal
 import sys
-from pathlib import Path
 
-import numpy as np
+
+def _exit_at_once(number, frame):
+    os.write(2, b"SIGINT: exiting now\n")
+    os._exit(130)
+
+
+# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
+# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
+# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_at_once)
+
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 
@@ -18,6 +31,7 @@ RESULT_FILE = "eval_test.json"
 @exit_codes
 def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
     """Evaluate the latest and the best model of the run in SAVE_PATH on the test set."""
+    import numpy as np
     import torch
 
     from src.analysis import load_main_loop
@@ -29,7 +43,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'")
-    try:
+    try:  # a file of the run that cannot be used raises src.analysis.UnreadableRun, a RunError: exit 1
         run = load_main_loop(save_path)
         models = {"last": run.model, "best": run.best_model}
     except FileNotFoundError as e:
@@ -76,6 +90,8 @@ def class_names(dataset, label_mode):
 
 def confusion_matrix(true, predicted, n):
     """counts[i, j]: test images of class i predicted as j."""
+    import numpy as np
+
     return np.bincount(true * n + predicted, minlength=n * n).reshape(n, n)
 
 

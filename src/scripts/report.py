@@ -4,9 +4,25 @@ Shows each run's path, the config keys whose values differ between the runs, epo
 (finished, running, stopped), best and last validation accuracy, and training time. Folders that
 cannot be read are listed below the table, never a crash.
 """
-import json
+import os
+import signal
 import sys
-from pathlib import Path
+
+
+def _exit_at_once(number, frame):
+    os.write(2, b"SIGINT: exiting now\n")
+    os._exit(130)
+
+
+# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
+# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
+# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_at_once)
+
+import json  # noqa: E402
+import numbers  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 
@@ -27,15 +43,36 @@ def build_table(runs):
 
     config_keys = [c for c in runs.columns if c not in ("run", *RUN_METRICS)]
     table = runs[["run"] + differing_keys(runs, config_keys)].copy()
-    table["epochs"] = runs["epochs_done"].astype(str) + "/" + runs["n_epochs"].astype(str)
+    totals = runs["n_epochs"] if "n_epochs" in runs else [None] * len(runs)  # a config may lack it
+    table["epochs"] = [f"{done}/{format_cell(total, False)}" for done, total in zip(runs["epochs_done"], totals,
+                                                                                   strict=True)]
     for column in METRICS[1:]:
         table[column] = runs[column]
     return table
 
 
+def is_missing(value):
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
+def sort_key(value):
+    """Numbers in order, then everything else by its text; a column can hold both when configs differ in type."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
+def sort_table(table, column, reverse=False, values=None):
+    """Rows ordered by `column` (or by `values`, one per row), ascending or not; missing values always last."""
+    values = list(table[column] if values is None else values)
+    present = [i for i, v in enumerate(values) if not is_missing(v)]
+    present.sort(key=lambda i: sort_key(values[i]), reverse=reverse)  # stable, also reversed
+    return table.iloc[present + [i for i, v in enumerate(values) if is_missing(v)]]
+
+
 def format_cell(value, metric):
     """Metrics with 4 decimals; config values in as few digits as tell them apart (1e-05, 0.05, 32)."""
-    if value is None or value != value:  # None or NaN
+    if is_missing(value):
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}" if metric else f"{value:.6g}"
@@ -67,6 +104,7 @@ def main(results_dir, *, csv=None, markdown=None, sort="run", reverse=False, plo
     """Print the run table of RESULTS_DIR; --csv/--markdown FILE write it too; --plot FILE overlays the curves
     of the runs (all, or --runs NAME,NAME,...); --sort COLUMN (--reverse for descending)."""
     from src.analysis import load_runs, read_log
+    from src.files import atomic_write
 
     folder = Path(results_dir)
     if not folder.is_dir():
@@ -80,15 +118,15 @@ def main(results_dir, *, csv=None, markdown=None, sort="run", reverse=False, plo
     table = build_table(found)
     if sort not in table.columns:
         raise UsageError(f"cannot sort by '{sort}'; columns: {', '.join(table.columns)}")
-    order = found["epochs_done"] if sort == "epochs" else table[sort]  # "9/30" before "10/30"
-    table = table.iloc[order.reset_index(drop=True).sort_values(ascending=not reverse, na_position="last",
-                                                                kind="stable").index]
+    table = sort_table(table, sort, reverse, found["epochs_done"] if sort == "epochs" else None)  # 9/30 < 10/30
     print(as_text(table), end="")
-    if csv:
-        table.to_csv(csv, index=False)
+    if csv:  # written whole or not at all, like every file here
+        text = table.to_csv(index=False)
+        atomic_write(Path(csv), lambda f: f.write(text.encode()))
         print(f"wrote {csv}")
     if markdown:
-        Path(markdown).write_text(as_markdown(table))
+        text = as_markdown(table)
+        atomic_write(Path(markdown), lambda f: f.write(text.encode()))
         print(f"wrote {markdown}")
     if plot:
         from src.plots import plot_runs

@@ -8,17 +8,32 @@ submits a Slurm job array (--partition, --time minutes, --gpus, --cpus, --mem GB
 The run table is printed at the end.
 """
 import os
+import signal
 import sys
-from pathlib import Path
+
+
+def _exit_at_once(number, frame):
+    os.write(2, b"SIGINT: exiting now\n")
+    os._exit(130)
+
+
+# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
+# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
+# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_at_once)
+
+os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
+
+from pathlib import Path  # noqa: E402
 
 REPO = str(Path(__file__).resolve().parents[2])
 sys.path.insert(0, REPO)  # run from anywhere, no PYTHONPATH
-os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 # submitit's job processes unpickle src.sweep.TrainingJob: they need the repository on their path too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
 from src.cli import OneLineErrorParser, exit_codes  # noqa: E402
-from src.errors import UsageError  # noqa: E402
+from src.errors import RunError, UsageError  # noqa: E402
 
 SWEEP_OPTIONS = {
     "backend": ("local", "local (on this machine) or slurm"),
@@ -51,35 +66,50 @@ def parse(argv):
         overrides[key] = text
     if known.backend not in ("local", "slurm"):
         raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
-    if known.max_parallel < 1:
-        raise UsageError("--max_parallel must be at least 1")
+    for name, least in (("max_parallel", 1), ("seeds", 0), ("time", 1), ("gpus", 0), ("cpus", 1), ("mem", 1),
+                        ("array_parallelism", 1)):
+        if getattr(known, name) < least:
+            raise UsageError(f"--{name} must be at least {least}, not {getattr(known, name)}")
     base = simple_cnn_configs.get(known.config)  # an unknown config name fails here, before anything runs
     return known, overrides, simple_cnn_configs.root, base
 
 
+def check_points(runs):
+    """Every point as the runner would check it, before anything is written or submitted: one bad value
+    must not leave a half-started grid behind."""
+    from configs.simple_cnn import validate
+
+    bad = [f"{path.name}: {'; '.join(problems)}" for path, _, config in runs if (problems := validate(config))]
+    if bad:
+        raise UsageError(f"{len(bad)} of {len(runs)} grid points are invalid: {' | '.join(bad)}")
+
+
+def check_slurm():
+    """submitit would fail with a traceback on a machine without Slurm; say it in one line instead."""
+    import shutil
+
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise RunError(f"{missing[0]} not found; --backend=slurm runs where Slurm's commands are on PATH (a "
+                       "cluster's login node); here, use --backend=local")
+
+
 @exit_codes
 def main(argv=None):
-    from src.analysis import load_runs
     from src.files import write_json
-    from src.scripts.report import as_text, build_table
-    from src.sweep import (
-        PLAN,
-        TrainingJob,
-        is_finished,
-        make_executor,
-        plan_sweep,
-        run_local,
-        run_slurm,
-        slurm_parameters,
-    )
+    from src.sweep import (PLAN, TrainingJob, is_finished, make_executor, plan_sweep, run_local, run_slurm,
+                           slurm_parameters)
 
     options, overrides, root, base = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(options.sweep_dir)
     runs = plan_sweep(options.config, sweep_dir, overrides, root, options.seeds, base)
+    check_points(runs)
     for path, arguments, config in runs:
         print(f"{'finished' if is_finished(path, config) else 'to run  '}  {path}  {' '.join(arguments)}")
     if options.dry_run:
         return 0
+    if options.backend == "slurm":
+        check_slurm()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
                                   "runs": {str(path.name): arguments for path, arguments, _ in runs}})
@@ -91,7 +121,7 @@ def main(argv=None):
         from src.data import load_cifar
 
         load_cifar(runs[0][2]["dataset"], label_mode=runs[0][2]["label_mode"])
-    outcome = {}
+    outcome, stopped_by = {}, None
     if to_run:
         parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
                                       options.cpus, options.mem, options.array_parallelism)
@@ -99,13 +129,25 @@ def main(argv=None):
         if options.backend == "slurm":
             outcome = run_slurm(to_run, executor)
         else:
-            outcome = run_local(to_run, executor, options.max_parallel)
+            outcome, stopped_by = run_local(to_run, executor, options.max_parallel)
+    return summarize(sweep_dir, outcome, stopped_by)
+
+
+def summarize(sweep_dir, outcome, stopped_by):
+    """Print the run table and each failure's reason -> the exit code: 128 + N after signal N, 1 if a point failed."""
+    from src.analysis import load_runs
+    from src.scripts.report import as_text, build_table
+    from src.sweep import signal_name
+
     table = load_runs(sweep_dir)
     if not table.empty:
         print(as_text(build_table(table)), end="")
     failed = {path: error for path, error in outcome.items() if error}
     for path, error in failed.items():
         print(f"failed: {path}: {error}", file=sys.stderr)
+    if stopped_by:
+        print(f"stopped by {signal_name(stopped_by)}: rerun the same command to resume the sweep", file=sys.stderr)
+        return 128 + stopped_by
     return 1 if failed else 0
 
 
