@@ -6,7 +6,7 @@ ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
 TRAIN := $(PY) src/scripts/train_simple_CNN.py
 DEMO := scratch/demo
 
-.PHONY: install test lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
+.PHONY: install test test-fast lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
 	sweep_lr_width_local sweep_lr_width_slurm
 
 install:
@@ -17,6 +17,10 @@ install:
 
 test:
 	$(PY) -m pytest -q tests
+
+# The unit tests alone, in seconds, for working: every test not marked slow (see tests/conftest.py).
+test-fast:
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint:
 	$(VENV)/bin/ruff check src configs tests

@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.files import RunFolderLock
 from src.config import MAX_NESTING, check_value, nesting_depth
 from src.errors import RunError, UsageError
-from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS
+from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS, is_finished
 
 # The columns `load_runs` adds to a run's config keys.
 RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours")
@@ -134,23 +135,26 @@ def read_status(path, config):
 
 
 def read_config(path, check=False):
-    """config.json of the run in `path`. With `check`, as the simple CNN's runner would accept it: every key
-    of the root's type and valid; keys the root gained since the run was saved take their root value."""
-    config_file = Path(path) / CONFIG
-    config = read_object(config_file)
-    if not check:
-        return config
-    from configs.simple_cnn import simple_cnn_configs, validate
+    """config.json of the run in `path`, completed with the keys its family's root gained since the run was
+    saved (at their root values, which keep its behaviour). With `check`, as the family's runner would
+    accept it too: every key of the root's type, and valid."""
+    from src.config import family
 
-    root = simple_cnn_configs.root
+    config_file = Path(path) / CONFIG
+    saved = read_object(config_file)
     try:
-        checked = {**root, **{k: check_value(k, v, root) if k in root else v for k, v in config.items()}}
+        registry = family(saved)
+        config, _ = registry.complete(saved, where=config_file)
+        if not check:
+            return config
+        root = registry.root
+        config = {key: check_value(key, value, root) for key, value in config.items()}
     except UsageError as e:
-        raise UnreadableRun(f"{config_file}: {e}") from None
-    problems = validate(checked)
+        raise UnreadableRun(f"{config_file}: {e}" if str(config_file) not in str(e) else str(e)) from None
+    problems = registry.problems(config)
     if problems:
         raise UnreadableRun(f"{config_file}: {'; '.join(problems)}")
-    return checked
+    return config
 
 
 def load_main_loop(save_path, build_model=None):
@@ -177,7 +181,7 @@ def load_main_loop(save_path, build_model=None):
 
 def _build(config, build_model, config_file):
     if build_model is None:
-        from src.models import build_simple_cnn as build_model
+        from src.models import build_model
     try:
         return build_model(config)
     except (KeyError, TypeError, ValueError) as e:  # a key missing from, or mistyped in, config.json
@@ -196,28 +200,11 @@ def _load_weights(model, weights, source, config_file):
                             "was one of them edited, or copied from another run?") from None
 
 
-def run_state(path, status):
+def run_state(path, status, config):
     """'finished', 'running' (a live process holds the run folder) or 'stopped' (killed, crashed or interrupted)."""
-    if status.get("finished"):
+    if is_finished(status, config["n_epochs"]):
         return "finished"
-    return "running" if _holds_lock(path) else "stopped"
-
-
-def _holds_lock(path):
-    """True when some process holds the run folder's lock (the pid in .lock may be reused by another)."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(path) / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the shared lock at once
-    return False
+    return "running" if RunFolderLock.is_held(path) else "stopped"
 
 
 def find_runs(folder):
@@ -237,7 +224,7 @@ def summarize_run(path):
     status = read_status(path, config)
     has_valid = "valid_acc" in log and log["valid_acc"].notna().any()
     metrics = {
-        "state": run_state(path, status),
+        "state": run_state(path, status, config),
         "epochs_done": int(status.get("epochs_done", len(log))),
         "best_valid_acc": float(log["valid_acc"].max()) if has_valid else None,
         "last_valid_acc": float(log["valid_acc"].iloc[-1]) if has_valid else None,

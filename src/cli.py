@@ -84,7 +84,7 @@ def dispatch_with_overrides(run, registry, argv=None, description=None):
     def command(config, save_path, **overrides):
         """CONFIG is a registered name or a .json file; SAVE_PATH is the run folder (rerun to resume)."""
         chosen = {key: text for key, text in overrides.items() if text is not None}
-        resolved = apply_overrides(registry.get(config), chosen)
+        resolved = registry.check(apply_overrides(registry.get(config), chosen))  # before anything is written
         return run(resolved, save_path)
 
     command = argh.arg("config", help=f"one of {', '.join(registry.names())}, or a path to a .json config")(command)

@@ -18,9 +18,16 @@ MAX_NESTING = 32
 
 
 class ConfigRegistry:
-    """Name -> config dict; `set_root` fixes the keys and their types for all the others."""
+    """One model family's named configs: name -> config dict; `set_root` fixes the keys and their types.
 
-    def __init__(self):
+    `model` is the family's name (the `model` key its configs record, and its builder's name in
+    src.models.MODELS); `validate(config)` returns the problems a type alone cannot catch; `runner`
+    is the script that trains the family (what sweeps start).
+    """
+
+    def __init__(self, model="simple_cnn", validate=None, runner=None):
+        self.model, self.runner = model, runner
+        self._validate = validate or (lambda config: [])
         self._configs = {}
 
     def set_root(self, config):
@@ -29,6 +36,30 @@ class ConfigRegistry:
     @property
     def root(self):
         return copy.deepcopy(self._configs["root"])
+
+    def problems(self, config):
+        return self._validate(config)
+
+    def check(self, config):
+        """`config` if it is valid; else a UsageError listing every problem (before anything is written)."""
+        problems = self.problems(config)
+        if problems:
+            raise UsageError("; ".join(problems))
+        return config
+
+    def complete(self, saved, where="config.json"):
+        """-> (`saved` with the keys the root gained since it was written, at their root values; those keys).
+
+        New keys default to the behaviour before they existed, so this is the same run. A saved key
+        the root no longer has is a UsageError naming it: its effect could not be reproduced.
+        """
+        root = self._configs["root"]
+        unknown = [key for key in saved if key not in root]
+        if unknown:
+            raise UsageError(f"{where} has {'keys' if len(unknown) > 1 else 'a key'} this code no longer knows "
+                             f"({', '.join(map(_clip, unknown))}); resume it with the code that wrote it")
+        filled = [key for key in root if key not in saved]
+        return {**{key: copy.deepcopy(root[key]) for key in filled}, **saved}, filled
 
     def derive(self, name, **changes):
         """Register `name` as the root with `changes`; their keys and types are checked here too."""
@@ -154,3 +185,46 @@ def apply_overrides(config, overrides):
 
 def diff_keys(old, new):
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# Every model family's registry by its name; configs/__init__.py registers the built-in ones.
+FAMILIES = {}
+LEGACY_MODEL = "simple_cnn"  # what a config.json without a `model` key was: the only family then
+
+
+def register_family(registry):
+    """Make a family's registry known to sweeps, `load_main_loop`, `evaluate.py` and `report.py`."""
+    FAMILIES[registry.model] = registry
+    return registry
+
+
+def family(config_or_name):
+    """The registry of a family, by its name or by a config's `model` key; UsageError if unknown."""
+    import configs  # noqa: F401  (registers the built-in families; imported here, as configs imports this module)
+
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.get("model", LEGACY_MODEL)
+    if name not in FAMILIES:
+        raise UsageError(f"unknown model family '{_clip(str(name))}'; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def find_config(name_or_path, model=None):
+    """-> (family registry, config) for a CONFIG given without its runner (sweeps): a `.json` file, whose
+    `model` key names the family, or a registered name, looked up in family `model` or else in all."""
+    import configs  # noqa: F401  (registers the built-in families)
+
+    if model is not None:
+        return family(model), family(model).get(name_or_path)
+    if name_or_path.endswith(".json"):
+        try:
+            named = json.loads(Path(name_or_path).read_text()).get("model", LEGACY_MODEL)
+        except (OSError, ValueError, RecursionError, AttributeError):
+            named = LEGACY_MODEL  # the family's own reader names the problem
+        registry = family(named if isinstance(named, str) else LEGACY_MODEL)
+        return registry, registry.get(name_or_path)
+    having = [registry for registry in FAMILIES.values() if name_or_path in registry.names() and name_or_path != "root"]
+    if len(having) > 1:
+        raise UsageError(f"config '{name_or_path}' is in the families {', '.join(r.model for r in having)}: "
+                         "choose with --model=NAME")
+    registry = having[0] if having else family(LEGACY_MODEL)  # its get() lists the names it knows
+    return registry, registry.get(name_or_path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from src.errors import RunError
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
 # What writing a file can fail with because of where it goes: full, over quota, too big, failing, read-only.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 _UMASK = os.umask(0)
@@ -77,7 +78,7 @@ class RunFolderLock:
     """An exclusive flock on SAVE_PATH/.lock; the kernel drops it when the holder dies, even by kill -9."""
 
     def __init__(self, folder):
-        self.path = Path(folder) / ".lock"
+        self.path = Path(folder) / LOCK_FILE
         self._fd = None
 
     def acquire(self, patience=0.5):
@@ -102,6 +103,22 @@ class RunFolderLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    @staticmethod
+    def is_held(folder):
+        """True when some process holds the lock of `folder` (the pid in .lock may be reused by another):
+        a shared probe, released at once, so a trainer that starts meanwhile waits for it (see acquire)."""
+        try:
+            fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the shared lock at once
+        return False
 
     def release(self):
         if self._fd is not None:

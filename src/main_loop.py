@@ -29,6 +29,7 @@ from ignite.engine import Engine, Events
 from src import distributed
 from src.checkpoint import save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
+from src.config import family
 from src.errors import RunError, UsageError
 from src.evaluation import evaluate
 from src.extensions import Checkpoint, StopOnSignal, disk_errors_stop_training
@@ -37,7 +38,7 @@ from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
 from src.optim import build_optimizer, learning_rate
-from src.run_folder import BEST_MODEL, RunFolder, is_finished
+from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
 from src.signals import StopRequests
 
 SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
@@ -189,7 +190,7 @@ def decode_data_once(config):
 def open_run_folder(folder, config, cleanup):
     """Rank 0: take the folder and check it may run `config`; the epochs done if it is already finished."""
     cleanup.enter_context(folder)
-    folder.check_config(config)
+    folder.check_config(config, family(config))
     status = folder.read_status()
     if status and is_finished(status, config["n_epochs"]):
         return status["epochs_done"]
@@ -319,13 +320,14 @@ class MainLoop:
 
     def status(self):
         iteration = self.trainer.state.iteration
-        done = {"epochs_done": len(self.progress.log), "finished_early": self.progress.finished_early}
+        epochs_done, early = len(self.progress.log), self.progress.finished_early
         return {
-            **done,
+            "epochs_done": epochs_done,
+            "finished_early": early,
             "iterations_done": iteration,
             "n_epochs": self.config["n_epochs"],
             "batches_per_epoch": len(self.stream),
-            "finished": is_finished(done, self.config["n_epochs"]),
+            "finished": ends_run(epochs_done, early, self.config["n_epochs"]),
             "best_valid_acc": self.progress.best_valid_acc,
             "last_checkpoint": f"checkpoint_{iteration}.pt",
             "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from src.config import diff_keys
 from src.errors import RunError, UsageError
-from src.files import RunFolderLock, atomic_write, read_json, remove_stale_temporaries, write_json
+from src.files import (
+    LOCK_FILE, TMP_PREFIX, RunFolderLock, atomic_write, read_json, remove_stale_temporaries, write_json,
+)
 
 CONFIG, META, LOG, STATUS = "config.json", "meta.json", "log.jsonl", "status.json"
 CHECKPOINTS, BEST_MODEL = "checkpoints", "best_model.pt"
@@ -34,18 +36,26 @@ RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every
 PROGRESS_FILES = (LOG, STATUS, BEST_MODEL)
 # Everything a run or evaluate.py writes here; a folder holding anything else is not a run folder.
 RUN_FILE_NAMES = {CONFIG, META, LOG, STATUS, CHECKPOINTS, BEST_MODEL, "curves.png", "tensorboard", "stdout.log",
-                  "stderr.log", ".lock", "eval_test.json"}
-RUN_FILE_PREFIXES = (".tmp-", "confusion_test_", "eval_")
+                  "stderr.log", LOCK_FILE, "eval_test.json"}
+RUN_FILE_PREFIXES = (TMP_PREFIX, "confusion_test_", "eval_")
 
 
 def is_finished(status, n_epochs):
-    """The one rule for "finished", used by the loop, a rerun, sweeps and the run table: all `n_epochs`
-    done (raising n_epochs later makes a finished run unfinished), or an extension (early stopping)
-    finished it for good (`finished_early` in status.json)."""
-    if not isinstance(status, dict):
+    """The one rule for "finished", used by the loop, a rerun, sweeps, evaluate.py and the run table.
+
+    The loop records `finished` in status.json (see `ends_run`); a run that ended by its epochs opens
+    again when `n_epochs` is raised above what it did, one that an extension ended for good (early
+    stopping, `finished_early`) does not.
+    """
+    if not isinstance(status, dict) or status.get("finished") is not True:
         return False
     done = status.get("epochs_done")
-    return status.get("finished_early") is True or (type(done) is int and done >= n_epochs)
+    return status.get("finished_early") is True or not (type(done) is int and done < n_epochs)
+
+
+def ends_run(epochs_done, finished_early, n_epochs):
+    """What the loop writes as `finished`: all `n_epochs` done, or ended for good by an extension."""
+    return finished_early or epochs_done >= n_epochs
 
 
 class RunFolder:
@@ -101,27 +111,32 @@ class RunFolder:
             raise RunError(f"{self.path} holds a run's results ({results}) but no checkpoint in {self.checkpoints}; "
                            "it never restarts by itself: move the folder aside (or restore its checkpoints) and rerun")
 
-    def check_config(self, config):
+    def check_config(self, config, registry):
         """Refuse a config that differs from the saved one: resuming with other settings would mix two runs.
 
+        Keys the family's root gained since the run started take their root value (the behaviour the
+        run had), said in one line; config.json is rewritten with them once the start-up checks pass.
         A folder with no checkpoint and no results yet (a start that failed, say on a wrong --device)
         takes the new config: nothing was computed with the old one.
         """
         saved_path = self.path / CONFIG
-        if saved_path.exists() and (self.has_checkpoints() or self.has_progress()):
-            try:
-                saved = read_json(saved_path)
-            except (ValueError, RecursionError):
-                raise RunError(f"{saved_path} is damaged (not valid JSON); fix or remove it") from None
-            if not isinstance(saved, dict):
-                raise RunError(f"{saved_path} is damaged (not a JSON object of key: value); fix or remove it")
-            changed = [k for k in diff_keys(saved, config) if k not in RESUMABLE_CHANGES]
-            if changed:
-                details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-                raise UsageError(
-                    f"{self.path} holds a run with a different config ({details}); "
-                    "use a new SAVE_PATH, or the same settings to resume"
-                )
+        if not (saved_path.exists() and (self.has_checkpoints() or self.has_progress())):
+            return
+        try:
+            saved = read_json(saved_path)
+        except (ValueError, RecursionError):
+            raise RunError(f"{saved_path} is damaged (not valid JSON); fix or remove it") from None
+        if not isinstance(saved, dict):
+            raise RunError(f"{saved_path} is damaged (not a JSON object of key: value); fix or remove it")
+        saved, filled = registry.complete(saved, where=saved_path)
+        changed = [k for k in diff_keys(saved, config) if k not in RESUMABLE_CHANGES]
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+            raise UsageError(f"{self.path} holds a run with a different config ({details}); "
+                             "use a new SAVE_PATH, or the same settings to resume")
+        if filled:
+            print(f"{saved_path} predates the keys {', '.join(filled)}: they take their default values, which "
+                  "keep the run's behaviour, and are added to it")
 
     def save_config(self, config):
         write_json(self.path / CONFIG, config)

@@ -80,16 +80,19 @@ def plan_sweep(config, sweep_dir, overrides, root, seeds=0, base=None):
 
 
 def is_finished(run_dir, expected_config):
-    """Finished with exactly this config; anything else (a raised n_epochs, a changed key) goes to the
-    runner, which trains further, resumes, or refuses with the reason."""
-    from src.analysis import read_object
+    """Finished with exactly this config (an older config.json completed with the keys added since, as a
+    resume would); anything else (a raised n_epochs, a changed key) goes to the runner, which trains
+    further, resumes, or refuses with the reason."""
+    from src.analysis import read_config, read_object
+    from src.run_folder import STATUS
+    from src.run_folder import is_finished as finished
 
     try:
-        status = read_object(Path(run_dir) / "status.json")
-        saved = read_object(Path(run_dir) / "config.json")
+        status = read_object(Path(run_dir) / STATUS)
+        saved = read_config(run_dir)
     except (OSError, ValueError):  # missing or unreadable (src.analysis.UnreadableRun): the runner says which
         return False
-    return bool(status.get("finished")) and saved == expected_config
+    return finished(status, saved["n_epochs"]) and saved == expected_config
 
 
 class RunFailed(Exception):
@@ -108,16 +111,19 @@ class TrainingJob:
     that got the terminal's SIGINT itself ignores it, where a second SIGINT would make it exit at once.
     """
 
-    def __init__(self, config, save_path, arguments, environment=None):
-        """`environment`: variables to set (a value) or unset (None) for the run, over the job's own."""
+    runner = str(TRAIN_SCRIPT)  # jobs pickled before families had runners of their own were simple CNNs
+
+    def __init__(self, config, save_path, arguments, environment=None, runner=TRAIN_SCRIPT):
+        """`environment`: variables to set (a value) or unset (None) for the run, over the job's own;
+        `runner`: the family's training script."""
         self.config, self.save_path, self.arguments = config, str(save_path), list(arguments)
-        self.environment = dict(environment or {})
+        self.environment, self.runner = dict(environment or {}), str(runner)
         self._process = self._waiter = self._stderr = self._stop_signal = None
         self._copied = 0  # bytes of the run's stderr already copied to the job's
         self._passed_on = False  # whether the run got its SIGTERM
 
     def command(self):
-        return [sys.executable, str(TRAIN_SCRIPT), self.config, self.save_path, *self.arguments]
+        return [sys.executable, self.runner, self.config, self.save_path, *self.arguments]
 
     def start(self):
         """Start the run; a thread waits for it, so that the main thread, where submitit's signal handler
@@ -202,12 +208,12 @@ class TrainingJob:
             self._process.send_signal(signal.SIGUSR2)  # the runner finishes its step and checkpoints
             self._waiter.join()
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.save_path, self.arguments,
-                                                              self.environment))
+                                                              self.environment, self.runner))
 
     def __getstate__(self):
         return {"config": self.config, "save_path": self.save_path, "arguments": self.arguments,
-                "environment": self.environment, "_process": None, "_waiter": None, "_stderr": None,
-                "_stop_signal": None, "_copied": 0, "_passed_on": False}
+                "environment": self.environment, "runner": self.runner, "_process": None, "_waiter": None,
+                "_stderr": None, "_stop_signal": None, "_copied": 0, "_passed_on": False}
 
 
 def signal_name(number):

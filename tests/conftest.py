@@ -22,6 +22,21 @@ TINY = ["--n_layers=2", "--n_filters=4", "--dim_dense=16", "--batch_size=32", "-
         "--n_epochs=2", "--checkpoint_every_seconds=0"]
 
 
+# Tests that train, evaluate or start processes are end-to-end and marked `slow`; `make test-fast` runs the
+# rest (config, optim, schedules, stream, data, models, extensions on a tiny engine) in seconds.
+SLOW_FIXTURES = {"data_dir", "train", "train_here", "evaluate_here", "reference_run", "ddp_reference", "results",
+                 "finished", "damaged", "saved_run", "small_disk", "legacy_run", "toy_registries"}
+# Modules that are end to end throughout (training, signals, torchrun, sweeps, the benchmark).
+SLOW_MODULES = {"test_training", "test_faults", "test_distributed", "test_sweep", "test_bench",
+                "test_run_folder_safety", "test_reporting", "test_seams"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """CIFAR-10 and CIFAR-100 archives (.tar.gz, Python-2 pickles) with 600 training and 100 test images."""

@@ -9,7 +9,7 @@ from src.checkpoint import checkpoint_iteration, list_checkpoints, load_tensors
 from src.distributed import SingleProcess
 from src.extensions import Checkpoint, StopOnSignal
 from src.main_loop import Progress
-from src.run_folder import RunFolder, is_finished
+from src.run_folder import RunFolder, ends_run, is_finished
 
 BATCHES = [(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))] * 4  # 4 batches per epoch
 
@@ -107,8 +107,11 @@ def test_stop_on_signal_saves_and_stops_after_the_step(tmp_path):
 
 
 def test_one_rule_for_finished():
-    assert is_finished({"epochs_done": 3}, 3) and is_finished({"epochs_done": 4}, 3)
-    assert not is_finished({"epochs_done": 2}, 3)  # n_epochs raised: unfinished again
-    assert is_finished({"epochs_done": 1, "finished_early": True}, 3)  # an early stop is final
-    for damaged in (None, [], {"epochs_done": "3"}, {"finished": True}):
-        assert not is_finished(damaged, 3)
+    done = {"finished": True, "epochs_done": 3}
+    assert is_finished(done, 3) and is_finished({**done, "epochs_done": 4}, 3)
+    assert not is_finished(done, 5)  # n_epochs raised: unfinished again
+    assert is_finished({"finished": True, "epochs_done": 1, "finished_early": True}, 5)  # an early stop is final
+    assert is_finished({"finished": True}, 3)  # no count to go by: the flag says it
+    for unfinished in (None, [], {"epochs_done": 3}, {"finished": False, "epochs_done": 3}, {"finished": "yes"}):
+        assert not is_finished(unfinished, 3)
+    assert ends_run(3, False, 3) and ends_run(1, True, 3) and not ends_run(2, False, 3)

@@ -230,17 +230,19 @@ def test_report_skips_runs_with_absurd_numbers_and_sorts_mixed_columns(finished,
     add("status_huge", **{"status.json": json.dumps({"epochs_done": 10**400})})
     add("deep_log", **{"log.jsonl": DEEP})
     add("deep_status", **{"status.json": DEEP})
-    add("note_text", **{"config.json": edited_config(finished, note="text")})
-    add("note_number", **{"config.json": edited_config(finished, note=5)})
-    result = report_here(results, "--sort", "note")
+    add("width_text", **{"config.json": edited_config(finished, dim_dense="wide")})  # a column of mixed types
+    add("width_number", **{"config.json": edited_config(finished, dim_dense=5)})
+    add("unknown_key", **{"config.json": edited_config(finished, note=5)})  # a key this code does not know
+    result = report_here(results, "--sort", "dim_dense")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     skipped = {line.split()[2].rstrip(":") for line in result.stderr.splitlines() if line.startswith("note: skipped")}
-    assert skipped == {"string_acc", "huge_int", "status_nan", "status_huge", "deep_log", "deep_status"}
+    assert skipped == {"string_acc", "huge_int", "status_nan", "status_huge", "deep_log", "deep_status", "unknown_key"}
+    assert "a key this code no longer knows (note)" in result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
-    assert rows[:2] == ["note_number", "note_text"] and set(rows[2:]) == {"nan_and_inf", "huge_times"}
+    assert rows[0] == "width_number" and rows[-1] == "width_text" and set(rows[1:3]) == {"nan_and_inf", "huge_times"}
     assert "inf" in result.stdout.splitlines()[2 + rows.index("huge_times")]  # 2e308 seconds: inf hours
-    backwards = report_here(results, "--sort", "note", "--reverse")
-    assert [line.split()[0] for line in backwards.stdout.splitlines()[2:4]] == ["note_text", "note_number"]
+    backwards = report_here(results, "--sort", "dim_dense", "--reverse")
+    assert [line.split()[0] for line in backwards.stdout.splitlines()[2:]][0] == "width_text"
     for column in ("best_valid_acc", "training_hours", "epochs", "state"):
         assert report_here(results, "--sort", column).returncode == 0
 

@@ -2,25 +2,16 @@
 
 The only code in this project that reads the test set. Writes SAVE_PATH/eval_test.json.
 """
-import os
-import signal
 import sys
-
-
-def _exit_at_once(number, frame):
-    os.write(2, b"SIGINT: exiting now\n")
-    os._exit(130)
-
-
-# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
-# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
-# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _exit_at_once)
-
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+
+from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
+
+if __name__ == "__main__":
+    exit_at_once_on("SIGINT")
+
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import RunError, UsageError  # noqa: E402
@@ -36,10 +27,11 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
 
     from src.analysis import load_main_loop
     from src.checkpoint import CorruptCheckpoint
-    from src.data import load_cifar
+    from src.data import class_names, load_dataset
     from src.evaluation import evaluate
     from src.files import write_json
     from src.hardware import choose_device
+    from src.run_folder import is_finished
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'")
@@ -52,17 +44,17 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
         raise RunError(str(e)) from None
     if run.model is None:
         raise RunError(f"{save_path} has no checkpoint yet: nothing to evaluate")
-    if not run.status.get("finished") and not allow_unfinished:
+    if not is_finished(run.status, run.config["n_epochs"]) and not allow_unfinished:
         raise UsageError(f"{save_path} is unfinished ({run.status.get('epochs_done')} of "
                          f"{run.config['n_epochs']} epochs); pass --allow-unfinished to evaluate it anyway")
     target = choose_device(device)
     config = run.config
-    _, (x_test, y_test) = load_cifar(config["dataset"], data_dir, config["label_mode"])
+    _, (x_test, y_test) = load_dataset(config["dataset"], data_dir, config["label_mode"])
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     result = {"dataset": config["dataset"], "label_mode": config["label_mode"], "n_test": len(y_test),
               "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done"),
               "last_model_checkpoint": run.checkpoint.name}
-    names = class_names(config["dataset"], config["label_mode"])
+    names = class_names(config["dataset"], config["label_mode"], data_dir)  # from the archive's own meta file
     for name, model in models.items():
         if model is None:
             continue
@@ -78,14 +70,6 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False):
               f"worst class {names[np.nanargmin(per_class)]} {np.nanmin(per_class):.4f}")
     write_json(Path(save_path) / RESULT_FILE, result)
     print(f"saved {Path(save_path) / RESULT_FILE} and confusion_test_*.csv/png")
-
-
-def class_names(dataset, label_mode):
-    from src.data import CIFAR10_CLASSES, n_classes
-
-    if dataset == "cifar10":
-        return list(CIFAR10_CLASSES)
-    return [f"{label_mode}_{i}" for i in range(n_classes(dataset, label_mode))]
 
 
 def confusion_matrix(true, predicted, n):

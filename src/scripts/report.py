@@ -4,99 +4,19 @@ Shows each run's path, the config keys whose values differ between the runs, epo
 (finished, running, stopped), best and last validation accuracy, and training time. Folders that
 cannot be read are listed below the table, never a crash.
 """
-import os
-import signal
 import sys
-
-
-def _exit_at_once(number, frame):
-    os.write(2, b"SIGINT: exiting now\n")
-    os._exit(130)
-
-
-# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
-# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
-# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _exit_at_once)
-
-import json  # noqa: E402
-import numbers  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 
+from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
+
+if __name__ == "__main__":
+    exit_at_once_on("SIGINT")
+
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
-
-METRICS = ["epochs", "state", "best_valid_acc", "last_valid_acc", "training_hours"]
-
-
-def differing_keys(table, config_keys):
-    """Config keys with more than one value among the runs (lists and dicts compared as JSON)."""
-    return [key for key in config_keys if table[key].map(lambda v: json.dumps(v, sort_keys=True)).nunique() > 1]
-
-
-def build_table(runs):
-    """The report's columns, from `load_runs`' DataFrame."""
-    from src.analysis import RUN_METRICS
-
-    config_keys = [c for c in runs.columns if c not in ("run", *RUN_METRICS)]
-    table = runs[["run"] + differing_keys(runs, config_keys)].copy()
-    totals = runs["n_epochs"] if "n_epochs" in runs else [None] * len(runs)  # a config may lack it
-    table["epochs"] = [f"{done}/{format_cell(total, False)}" for done, total in zip(runs["epochs_done"], totals,
-                                                                                   strict=True)]
-    for column in METRICS[1:]:
-        table[column] = runs[column]
-    return table
-
-
-def is_missing(value):
-    return value is None or (isinstance(value, float) and value != value)  # None or NaN
-
-
-def sort_key(value):
-    """Numbers in order, then everything else by its text; a column can hold both when configs differ in type."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return (0, value, "")
-    return (1, 0, str(value))
-
-
-def sort_table(table, column, reverse=False, values=None):
-    """Rows ordered by `column` (or by `values`, one per row), ascending or not; missing values always last."""
-    values = list(table[column] if values is None else values)
-    present = [i for i, v in enumerate(values) if not is_missing(v)]
-    present.sort(key=lambda i: sort_key(values[i]), reverse=reverse)  # stable, also reversed
-    return table.iloc[present + [i for i, v in enumerate(values) if is_missing(v)]]
-
-
-def format_cell(value, metric):
-    """Metrics with 4 decimals; config values in as few digits as tell them apart (1e-05, 0.05, 32)."""
-    if is_missing(value):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if metric else f"{value:.6g}"
-    return str(value)
-
-
-def rows_of(table):
-    metric = [column in METRICS for column in table.columns]
-    return [[format_cell(v, m) for v, m in zip(row, metric, strict=True)] for row in table.itertuples(index=False)]
-
-
-def as_text(table):
-    cells = [[str(c) for c in table.columns]] + rows_of(table)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines) + "\n"
-
-
-def as_markdown(table):
-    rows = [[str(c) for c in table.columns]] + rows_of(table)
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    lines.insert(1, "|" + "---|" * len(table.columns))
-    return "\n".join(lines) + "\n"
+from src.run_table import as_markdown, as_text, build_table, sort_table  # noqa: E402, F401  (sort_table: public)
 
 
 @exit_codes

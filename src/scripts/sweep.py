@@ -8,27 +8,18 @@ submits a Slurm job array (--partition, --time minutes, --gpus, --cpus, --mem GB
 The run table is printed at the end.
 """
 import os
-import signal
 import sys
-
-
-def _exit_at_once(number, frame):
-    os.write(2, b"SIGINT: exiting now\n")
-    os._exit(130)
-
-
-# As a script, Ctrl-C exits at once, quietly, with 130, as the runner does outside its loop: files are
-# replaced atomically, so nothing is left half-written, and a KeyboardInterrupt raised inside an import
-# could surface as an ImportError and its traceback. (The training loop and a sweep take SIGINT over.)
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _exit_at_once)
-
-os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
-
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 REPO = str(Path(__file__).resolve().parents[2])
 sys.path.insert(0, REPO)  # run from anywhere, no PYTHONPATH
+
+from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
+
+if __name__ == "__main__":
+    exit_at_once_on("SIGINT")
+
+os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 # submitit's job processes unpickle src.sweep.TrainingJob: they need the repository on their path too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
@@ -49,7 +40,7 @@ SWEEP_OPTIONS = {
 
 
 def parse(argv):
-    from configs.simple_cnn import simple_cnn_configs
+    from src.config import find_config
 
     parser = OneLineErrorParser(description=__doc__, prog="sweep.py", allow_abbrev=False)
     parser.add_argument("config", help="a registered config name or a .json config")
@@ -70,16 +61,16 @@ def parse(argv):
                         ("array_parallelism", 1)):
         if getattr(known, name) < least:
             raise UsageError(f"--{name} must be at least {least}, not {getattr(known, name)}")
-    base = simple_cnn_configs.get(known.config)  # an unknown config name fails here, before anything runs
-    return known, overrides, simple_cnn_configs.root, base
+    # An unknown config name fails here, before anything runs; `--model=NAME` picks the family where
+    # two families name a config alike.
+    family, base = find_config(known.config, overrides.get("model"))
+    return known, overrides, family, base
 
 
-def check_points(runs):
+def check_points(runs, family):
     """Every point as the runner would check it, before anything is written or submitted: one bad value
     must not leave a half-started grid behind."""
-    from configs.simple_cnn import validate
-
-    bad = [f"{path.name}: {'; '.join(problems)}" for path, _, config in runs if (problems := validate(config))]
+    bad = [f"{path.name}: {'; '.join(problems)}" for path, _, config in runs if (problems := family.problems(config))]
     if bad:
         raise UsageError(f"{len(bad)} of {len(runs)} grid points are invalid: {' | '.join(bad)}")
 
@@ -100,10 +91,10 @@ def main(argv=None):
     from src.sweep import (PLAN, TrainingJob, is_finished, make_executor, plan_sweep, run_local, run_slurm,
                            slurm_parameters)
 
-    options, overrides, root, base = parse(sys.argv[1:] if argv is None else argv)
+    options, overrides, family, base = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(options.sweep_dir)
-    runs = plan_sweep(options.config, sweep_dir, overrides, root, options.seeds, base)
-    check_points(runs)
+    runs = plan_sweep(options.config, sweep_dir, overrides, family.root, options.seeds, base)
+    check_points(runs, family)
     for path, arguments, config in runs:
         print(f"{'finished' if is_finished(path, config) else 'to run  '}  {path}  {' '.join(arguments)}")
     if options.dry_run:
@@ -115,12 +106,13 @@ def main(argv=None):
                                   "runs": {str(path.name): arguments for path, arguments, _ in runs}})
     # Local jobs see the GPUs the sweep sees (submitit would hide them); Slurm sets them per job.
     environment = {} if options.backend == "slurm" else {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    to_run = [TrainingJob(options.config, path, arguments, environment)
+    to_run = [TrainingJob(options.config, path, arguments, environment, family.runner)
               for path, arguments, config in runs if not is_finished(path, config)]
     if to_run and options.backend == "local":  # decode (or download) the data once, not in every job at once
-        from src.data import load_cifar
+        from src.data import load_dataset
 
-        load_cifar(runs[0][2]["dataset"], label_mode=runs[0][2]["label_mode"])
+        for dataset, label_mode in {(config["dataset"], config["label_mode"]) for _, _, config in runs}:
+            load_dataset(dataset, label_mode=label_mode)
     outcome, stopped_by = {}, None
     if to_run:
         parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
@@ -136,7 +128,7 @@ def main(argv=None):
 def summarize(sweep_dir, outcome, stopped_by):
     """Print the run table and each failure's reason -> the exit code: 128 + N after signal N, 1 if a point failed."""
     from src.analysis import load_runs
-    from src.scripts.report import as_text, build_table
+    from src.run_table import as_text, build_table
     from src.sweep import signal_name
 
     table = load_runs(sweep_dir)

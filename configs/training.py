@@ -1,0 +1,82 @@
+"""The training keys every model family shares, and their checks; each family's registry extends them.
+
+New keys default to what the code did before they existed ("off"), so that a run folder saved
+before a key was added resumes with the same behaviour (see src.config.ConfigRegistry.complete).
+"""
+from src.data import dataset_entry, dataset_names, training_set_size
+from src import optim
+
+TRAINING_ROOT = {
+    "dataset": "cifar10",  # a name in src.data.DATASETS: cifar10 | cifar100
+    "label_mode": "fine",  # CIFAR-100 only: fine (100 classes) | coarse (20)
+    "batch_size": 128,
+    "n_epochs": 30,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_schedule": "cosine",  # a name in src.optim.SCHEDULES: constant | cosine | linear (to 0 at the end)
+    "optimizer": "sgd",  # a name in src.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
+    "adam_beta2": 0.999,  # adamw only
+    "augment": True,  # random crop (padding 4) and horizontal flip
+    "valid_size": 5000,  # held out of the training images
+    "n_examples": -1,  # how many of the rest to train on; -1 = all
+    "seed": 1,
+    "device": "auto",  # auto (cuda if available) | cpu | cuda
+    "precision": "auto",  # auto (bf16 where the hardware has it) | fp32 | bf16
+    "num_threads": 0,  # CPU threads; 0 = PyTorch's choice ($OMP_NUM_THREADS, else one per core)
+    "compile": False,  # torch.compile the training step (see README, Performance)
+    "tensorboard": True,  # event files in SAVE_PATH/tensorboard (curves.png is always drawn)
+    "checkpoint_every_n_batches": 0,  # counted from the start of training; 0 = off
+    "checkpoint_every_seconds": 300.0,  # 0 = off
+}
+FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16")}
+
+
+def choices():
+    """Allowed values of the keys that take one of a few words, read from the registries at call time (a
+    dataset, optimizer or schedule registered by a researcher counts at once)."""
+    return {"dataset": tuple(dataset_names()), "label_mode": label_modes(), "lr_schedule": tuple(optim.SCHEDULES),
+            "optimizer": tuple(optim.OPTIMIZERS), **FIXED_CHOICES}
+
+
+def label_modes():
+    return tuple(dict.fromkeys(mode for name in dataset_names() for mode in dataset_entry(name).n_classes))
+
+
+def training_problems(config):
+    """The shared keys' problems that a type alone cannot catch, as lines."""
+    problems = [f"--{key} must be one of {', '.join(allowed)}, not '{config[key]}'"
+                for key, allowed in choices().items() if config[key] not in allowed]
+    for key in ("batch_size", "n_epochs"):
+        if config[key] < 1:
+            problems.append(f"--{key} must be at least 1, not {config[key]}")
+    for key in ("lr", "momentum", "weight_decay", "checkpoint_every_seconds"):
+        if not config[key] >= 0:  # also catches nan
+            problems.append(f"--{key} must not be negative, not {config[key]}")
+    if not 0 <= config["adam_beta2"] < 1:
+        problems.append(f"--adam_beta2 must be in [0, 1), not {config['adam_beta2']}")
+    if config["n_examples"] == 0 or config["n_examples"] < -1:
+        problems.append(f"--n_examples must be -1 (all) or at least 1, not {config['n_examples']}")
+    if config["num_threads"] < 0:
+        problems.append(f"--num_threads must be 0 (PyTorch's choice) or more, not {config['num_threads']}")
+    if config["checkpoint_every_n_batches"] < 0:
+        problems.append("--checkpoint_every_n_batches must not be negative")
+    if config["dataset"] in dataset_names():
+        problems += dataset_problems(config)
+    return problems
+
+
+def dataset_problems(config):
+    """Sizes and label sets checked against the dataset's entry (the training-set size, its label modes)."""
+    problems, n_train = [], training_set_size(config["dataset"])
+    if not 0 <= config["valid_size"] < n_train:
+        problems.append(f"--valid_size must be in [0, {n_train}), not {config['valid_size']}")
+    if config["batch_size"] > n_train:
+        problems.append(f"--batch_size must be at most {n_train} (the training images {config['dataset']} has), "
+                        f"not {config['batch_size']}")
+    modes = dataset_entry(config["dataset"]).n_classes
+    if config["label_mode"] in label_modes() and config["label_mode"] not in modes:
+        having = [name for name in dataset_names() if config["label_mode"] in dataset_entry(name).n_classes]
+        problems.append(f"--label_mode={config['label_mode']} needs --dataset={' or '.join(having)} "
+                        f"({config['dataset']} has: {', '.join(modes)})")
+    return problems
