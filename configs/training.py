@@ -14,10 +14,21 @@ TRAINING_ROOT = {
     "lr": 0.05,
     "momentum": 0.9,
     "weight_decay": 5e-4,
-    "lr_schedule": "cosine",  # a name in src.optim.SCHEDULES: constant | cosine | linear (to 0 at the end)
+    "lr_schedule": "cosine",  # a name in src.optim.SCHEDULES: constant | cosine | linear (to 0 at the end) | multistep
+    "lr_milestones": [],  # multistep: where the lr is multiplied by lr_decay, in schedule_unit
+    "lr_decay": 0.1,  # multistep: the factor at each milestone
+    "warmup": 0,  # warmup length in schedule_unit before the schedule; 0 = off
+    "warmup_shape": "linear",  # linear (from warmup_lr up to the schedule's lr) | constant (warmup_lr throughout)
+    "warmup_lr": 0.0,  # the learning rate the warmup starts from (linear) or holds (constant)
+    "schedule_unit": "epochs",  # epochs | iterations: the unit of lr_milestones and warmup
     "optimizer": "sgd",  # a name in src.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
     "adam_beta2": 0.999,  # adamw only
     "augment": True,  # random crop (padding 4) and horizontal flip
+    "cutout": 0,  # side of the square cut out of each training image (DeVries & Taylor 2017); 0 = off
+    "mixup": 0.0,  # mixup's alpha (Zhang et al. 2018); 0 = off
+    "label_smoothing": 0.0,  # of the training loss; 0 = off
+    "ema": 0.0,  # decay of an exponential moving average of the weights, evaluated each epoch; 0 = off
+    "grad_clip": 0.0,  # clip the gradients' global norm to this; 0 = off
     "valid_size": 5000,  # held out of the training images
     "n_examples": -1,  # how many of the rest to train on; -1 = all
     "seed": 1,
@@ -29,7 +40,8 @@ TRAINING_ROOT = {
     "checkpoint_every_n_batches": 0,  # counted from the start of training; 0 = off
     "checkpoint_every_seconds": 300.0,  # 0 = off
 }
-FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16")}
+FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
+                 "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
 
 
 def choices():
@@ -55,6 +67,7 @@ def training_problems(config):
             problems.append(f"--{key} must not be negative, not {config[key]}")
     if not 0 <= config["adam_beta2"] < 1:
         problems.append(f"--adam_beta2 must be in [0, 1), not {config['adam_beta2']}")
+    problems += recipe_problems(config)
     if config["n_examples"] == 0 or config["n_examples"] < -1:
         problems.append(f"--n_examples must be -1 (all) or at least 1, not {config['n_examples']}")
     if config["num_threads"] < 0:
@@ -79,4 +92,28 @@ def dataset_problems(config):
         having = [name for name in dataset_names() if config["label_mode"] in dataset_entry(name).n_classes]
         problems.append(f"--label_mode={config['label_mode']} needs --dataset={' or '.join(having)} "
                         f"({config['dataset']} has: {', '.join(modes)})")
+    return problems
+
+
+def recipe_problems(config):
+    """The schedule's and the regularisers' keys."""
+    problems = []
+    milestones = config["lr_milestones"]
+    if not (all(type(m) is int and m > 0 for m in milestones) and milestones == sorted(set(milestones))):
+        problems.append(f"--lr_milestones must be increasing positive integers (in {config['schedule_unit']}), "
+                        f"not {milestones}")
+    if (config["lr_schedule"] == "multistep") != bool(milestones):  # one without the other would be ignored
+        problems.append("--lr_schedule=multistep needs --lr_milestones (e.g. [100,150])" if not milestones
+                        else f"--lr_milestones={milestones} needs --lr_schedule=multistep")
+    for key in ("lr_decay", "warmup_lr", "mixup", "grad_clip"):
+        if not config[key] >= 0:  # also catches nan
+            problems.append(f"--{key} must not be negative, not {config[key]}")
+    for key in ("warmup", "cutout"):
+        if config[key] < 0:
+            problems.append(f"--{key} must not be negative, not {config[key]}")
+    if config["cutout"] > 32:
+        problems.append(f"--cutout must be at most 32 (the image's side), not {config['cutout']}")
+    for key in ("label_smoothing", "ema"):
+        if not 0 <= config[key] < 1:
+            problems.append(f"--{key} must be in [0, 1), not {config[key]}")
     return problems
