@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
 TRAIN := $(PY) src/scripts/train_simple_CNN.py
 DEMO := scratch/demo
+# The reference models' named configs (README "Models"), one make target each, by their family's runner.
+RESNETS := resnet20 resnet32 resnet44 resnet56 resnet110
+WRNS := wrn_16_4 wrn_16_4_cifar100 wrn_28_10 wrn_28_10_cifar100
+PREACT_RESNETS := preact_resnet18
+VGGS := vgg11_bn vgg16_bn
 
 .PHONY: install test test-fast lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
-	sweep_lr_width_local sweep_lr_width_slurm
+	sweep_lr_width_local sweep_lr_width_slurm $(RESNETS) $(WRNS) $(PREACT_RESNETS) $(VGGS) sweep_resnets
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +54,26 @@ simple_cnn_cifar10:
 
 simple_cnn_cifar100:
 	$(ENV) $(TRAIN) cifar100 $${RESULTS_DIR:-results}/simple_cnn_cifar100
+
+# The reference models with their papers' recipes, each into $RESULTS_DIR/<config name>; rerun to resume.
+$(RESNETS):
+	$(ENV) $(PY) src/scripts/train_resnet.py $@ $${RESULTS_DIR:-results}/$@
+
+$(WRNS):
+	$(ENV) $(PY) src/scripts/train_wrn.py $@ $${RESULTS_DIR:-results}/$@
+
+$(PREACT_RESNETS):
+	$(ENV) $(PY) src/scripts/train_preact_resnet.py $@ $${RESULTS_DIR:-results}/$@
+
+$(VGGS):
+	$(ENV) $(PY) src/scripts/train_vgg.py $@ $${RESULTS_DIR:-results}/$@
+
+# He et al.'s Table 6 rows ResNet-20/32/44/56 x 3 seeds, from the resnet20 recipe; rerun to resume. On a
+# cluster: make sweep_resnets SWEEP_BACKEND="--backend=slurm --partition=gpu --time=240 --gpus=1 --cpus=8"
+SWEEP_BACKEND ?= --max_parallel=1
+sweep_resnets:
+	$(ENV) $(PY) src/scripts/sweep.py resnet20 $${RESULTS_DIR:-results}/resnets --depth=20,32,44,56 --seeds=3 \
+		$(SWEEP_BACKEND)
 
 # Example sweeps (widths x learning rates x 3 seeds); rerun a target to resume it.
 SWEEP_GRID := --n_filters=16,32,64 --lr=0.1,0.05 --seeds=3

@@ -1,0 +1,77 @@
+"""Named configs for `src/scripts/train_resnet.py`: He et al. 2016's CIFAR ResNets (src/resnets.py) and
+their recipe. Also the checks the reference families share (configs/wrn.py, preact_resnet.py, vgg.py)."""
+from pathlib import Path
+
+from configs.simple_cnn import MAX_PARAMETERS
+from configs.training import TRAINING_ROOT, training_problems
+from src.config import ConfigRegistry, register_family
+from src.data import dataset_entry, dataset_names
+from src.resnets import resnet_parameters
+
+RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_resnet.py"
+SHORTCUTS = ("A", "B")
+
+
+def n_outputs(config):
+    """The classifier's size, or None where the dataset or its label set is unknown (training_problems says so)."""
+    if config["dataset"] in dataset_names() and config["label_mode"] in dataset_entry(config["dataset"]).n_classes:
+        return dataset_entry(config["dataset"]).n_classes[config["label_mode"]]
+    return None
+
+
+def model_problems(config, model):
+    if config["model"] == model:
+        return []
+    return [f"--model is the family of this runner's configs, {model}, not '{config['model']}'"]
+
+
+def size_problems(config, count, keys):
+    """An absurd size is refused before anything is built, as for the simple CNN (configs/simple_cnn.py)."""
+    if count <= MAX_PARAMETERS:
+        return []
+    sizes = ", ".join(f"--{key}={config[key]}" for key in keys)
+    give = "give" if len(keys) > 1 else "gives"
+    return [f"{sizes} {give} a model of {count:.3g} parameters; at most {MAX_PARAMETERS:,} can be trained "
+            "(4 bytes for each weight, its gradient and the optimizer's state of it)"]
+
+
+def dropout_problems(config):
+    return [] if 0 <= config["dropout"] < 1 else [f"--dropout must be in [0, 1), not {config['dropout']}"]
+
+
+def validate(config):
+    """The shared keys' problems, then this family's; a list of lines."""
+    problems = training_problems(config) + model_problems(config, "resnet")
+    depth = config["depth"]
+    if depth < 8 or (depth - 2) % 6:
+        problems.append(f"--depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), not {depth}")
+    elif config["shortcut"] in SHORTCUTS and n_outputs(config):
+        problems += size_problems(config, resnet_parameters(depth, n_outputs(config), config["shortcut"]), ["depth"])
+    if config["shortcut"] not in SHORTCUTS:
+        problems.append(f"--shortcut must be A (zero-padding identity, the paper's CIFAR choice) or B "
+                        f"(projections), not '{config['shortcut']}'")
+    return problems
+
+
+resnet_configs = register_family(ConfigRegistry("resnet", validate, RUNNER))
+resnet_configs.set_root(
+    {
+        "model": "resnet",  # the family (src.models.MODELS); fixed for this runner
+        "depth": 20,  # 6n + 2: n basic blocks in each of the three stages (16, 32, 64 channels)
+        "shortcut": "A",  # where the shape changes: A, subsample + zero channels (no parameters) | B, 1x1 projection
+        **TRAINING_ROOT,
+    }
+)
+
+# He et al. 2016, Sec. 4.2: SGD, momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
+# and 48k iterations, stopped at 64k, on a 45k/5k train/validation split with 4-pixel-padded crops and flips.
+# An epoch of 45,000 images is 351 batches of 128 (the partial one dropped), so 182 epochs are 63,882
+# iterations: the paper's 64k, to within the last 118.
+HE_RECIPE = dict(dataset="cifar10", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128,
+                 lr_schedule="multistep", schedule_unit="iterations", lr_milestones=[32000, 48000], lr_decay=0.1,
+                 n_epochs=182, valid_size=5000, augment=True)
+for _depth in (20, 32, 44, 56):
+    resnet_configs.derive(f"resnet{_depth}", depth=_depth, **HE_RECIPE)
+# ResNet-110: "0.1 is slightly too large to start converging", so 0.01 until the training error is below
+# 80% ("about 400 iterations"), then back to 0.1.
+resnet_configs.derive("resnet110", depth=110, **HE_RECIPE, warmup=400, warmup_shape="constant", warmup_lr=0.01)
