@@ -34,9 +34,11 @@ clean:
 	rm -rf .pytest_cache .ruff_cache scratch
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
-# The speed table of README "Performance"; writes scratch/bench.json. Keep the machine otherwise idle.
+# The speed tables of README "Performance" and "Models"; writes scratch/bench.json and scratch/bench_models.json.
+# Keep the machine otherwise idle.
 bench:
 	$(ENV) $(PY) src/scripts/bench.py
+	$(ENV) $(PY) src/scripts/bench_models.py
 
 # The table of every run under $RESULTS_DIR.
 report:

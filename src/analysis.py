@@ -19,7 +19,7 @@ from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS, is_fini
 RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours")
 # Columns of log.jsonl that hold numbers (or null); anything else there means the file is not a log.
 LOG_NUMBERS = ("epoch", "iteration", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "epoch_seconds",
-               "images_per_second", "finished_at")
+               "images_per_second", "finished_at", "ema_valid_loss", "ema_valid_acc")
 STATUS_COUNTS = ("epochs_done", "iterations_done", "n_epochs")
 
 
@@ -38,6 +38,7 @@ class LoadedRun:
     status: dict
     build_model: object = field(default=None, repr=False)
     checkpoint: "Path | None" = None  # the file `model` was loaded from
+    ema_model: "torch.nn.Module | None" = None  # the EMA of the weights in that checkpoint, when `ema` was on  # noqa: F821
 
     @functools.cached_property
     def best_model(self):
@@ -171,12 +172,19 @@ def load_main_loop(save_path, build_model=None):
     config = read_config(path, check=build_model is None)
     log, status = read_log(path), read_status(path, config)
     found = load_newest(path / CHECKPOINTS, ("model",), warn=lambda line: None)
-    model = None
+    model = ema_model = None
     if found is not None:
-        model = _build(config, build_model, path / CONFIG)
-        _load_weights(model, found[1]["model"], found[0], path / CONFIG)
-        model.eval()
-    return LoadedRun(path, config, log, model, status, build_model, found[0] if found else None)
+        model = _load_model(config, build_model, found[1]["model"], found[0], path / CONFIG)
+        ema = found[1].get("ema")
+        if isinstance(ema, dict) and "model" in ema:
+            ema_model = _load_model(config, build_model, ema["model"], found[0], path / CONFIG)
+    return LoadedRun(path, config, log, model, status, build_model, found[0] if found else None, ema_model)
+
+
+def _load_model(config, build_model, weights, source, config_file):
+    model = _build(config, build_model, config_file)
+    _load_weights(model, weights, source, config_file)
+    return model.eval()
 
 
 def _build(config, build_model, config_file):

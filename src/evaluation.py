@@ -23,3 +23,12 @@ def evaluate(model, images, labels, device, precision, batch_size=1024):
     n = max(len(labels), 1)
     accuracy = (predicted == labels.to(device)).sum().item() / n
     return loss_sum.item() / n, accuracy, predicted.cpu()
+
+
+def validation_columns(model, images, labels, device, precision, batch_size, prefix=""):
+    """The log row's `{prefix}valid_loss` and `{prefix}valid_acc` (plain cross-entropy, whatever the training
+    loss is, so runs stay comparable); None for an empty validation split."""
+    loss = accuracy = None
+    if len(images):
+        loss, accuracy, _ = evaluate(model, images, labels, device, precision, batch_size=batch_size)
+    return {f"{prefix}valid_loss": loss, f"{prefix}valid_acc": accuracy}

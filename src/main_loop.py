@@ -4,15 +4,19 @@ What fires, in order (the order of attachment, which `MainLoop.attach_extensions
     load on start        Checkpoint.resume: the newest whole checkpoint, if the run folder has one
     seeding, schedule    before each step: model randomness re-seeded from (seed, iteration); the
                          learning rate as a pure function of the iteration (src.optim)
-    the step             forward, loss, backward, optimizer step; sums kept on the device
+    the step             forward, loss, backward, gradient clipping, optimizer step (src.recipe); sums
+                         kept on the device
+    EMA                  after each step, when `ema` is on: the moving average of the weights
     Checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
                          at each epoch end (after its log row) and at the end; the two newest kept
-    validation, log      at each epoch end, then the best model by validation accuracy
+    validation, log      at each epoch end (the EMA's too), then the best model by validation accuracy
+                         (the EMA's weights and accuracy when it is on)
     StopOnSignal         SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2: checkpoint after this step, exit 128 + N
     progress             a tqdm bar on a terminal, one line per epoch otherwise
 
-Exact resume: the stream restarts at (epoch, batch) from the loop counters; everything else with
-state (weights, optimizer, counters, this epoch's running sums, the log) is in the checkpoint.
+Exact resume: the stream restarts at (epoch, batch) from the loop counters (its crop, flip, cutout
+and mixup are drawn from (seed, epoch, batch)); everything else with state (weights, optimizer, EMA,
+counters, this epoch's running sums, the log) is in the checkpoint.
 """
 import contextlib
 import datetime
@@ -23,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from src import distributed
@@ -31,32 +34,22 @@ from src.checkpoint import save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
 from src.config import family
 from src.errors import RunError, UsageError
-from src.evaluation import evaluate
-from src.extensions import Checkpoint, StopOnSignal, disk_errors_stop_training
-from src.hardware import autocast, choose_device, choose_precision
+from src.evaluation import validation_columns
+from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
+from src.hardware import choose_device, choose_precision
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
 from src.optim import build_optimizer, learning_rate
+from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
 from src.signals import StopRequests
 
-SEED_INIT, SEED_MODEL = 3, 4  # beside data.py's SEED_SPLIT, SEED_ORDER, SEED_AUGMENT
+SEED_INIT, SEED_MODEL = 3, 4  # beside src.stream's SPLIT, ORDER, AUGMENT (0-2), CUTOUT (5), MIXUP (6)
 CHECKPOINT_KEYS = Checkpoint.REQUIRED
 LOG_EVERY = 50  # iterations between reads of the NaN flag and TensorBoard points (one host sync each)
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.
 logging.getLogger("ignite").addHandler(logging.NullHandler())
-
-
-def train_step(forward, optimizer, images, labels, device, precision):
-    """One step; -> (loss, logits), both still on the device (no host sync). bench.py times this same step."""
-    with autocast(device, precision):
-        logits = forward(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss, logits
 
 
 class Progress:
@@ -165,6 +158,7 @@ def run_main_loop(config, save_path, build_model=None):
             stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"],
                                         device, config["valid_size"], config["n_examples"], config["label_mode"],
                                         shard=(ranks.rank, ranks.world_size))
+            stream.regularise(config["cutout"], config["mixup"])
             if stream.batch_size % ranks.world_size:
                 raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
                                  f"{ranks.world_size} processes: change --batch_size")
@@ -244,6 +238,8 @@ class MainLoop:
         self.trainer = Engine(self.step)
         self.progress = Progress(device, ranks.rank, ranks.world_size)
         self.checkpoint = Checkpoint(self)
+        self.recipe = Recipe.from_config(config)
+        self.ema = EMA(model, config["ema"], self.checkpoint) if config["ema"] else None
         self.bar = None
         self.attach_extensions()
 
@@ -252,9 +248,8 @@ class MainLoop:
         return self.config["n_epochs"] * len(self.stream)
 
     def step(self, engine, batch):
-        images, labels = batch
-        loss, logits = train_step(self.forward, self.optimizer, images, labels, self.device, self.precision)
-        self.progress.add(loss, logits, labels, engine.state.iteration)
+        loss, logits = train_step(self.forward, self.optimizer, batch, self.device, self.precision, self.recipe)
+        self.progress.add(loss, logits, scored_labels(batch), engine.state.iteration)
 
     def attach_extensions(self):
         """ignite calls the handlers of one event in the order they were added: this order is the contract."""
@@ -262,6 +257,8 @@ class MainLoop:
         t.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
         t.add_event_handler(Events.ITERATION_STARTED, self.before_step)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)  # the log row, before the checkpoint holds it
+        if self.ema:
+            self.ema.attach(t)  # updated after each step before anything saves it
         self.checkpoint.attach(t)  # mid-epoch saves, then the epoch-end save
         t.add_event_handler(Events.ITERATION_COMPLETED(every=LOG_EVERY), self.log_now_and_then)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.draw)  # after the save: figures never delay the checkpoint
@@ -276,6 +273,8 @@ class MainLoop:
         self.checkpoint.resume(len(self.stream))
         if self.finished():
             return say_finished(self.folder.path, len(self.progress.log))
+        if self.ema:
+            self.say("ema: best_model.pt holds the moving average of the weights with the best ema_valid_acc")
         self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration,
                                  enabled=self.ranks.is_main)
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.trainer.state.iteration + 1),
@@ -301,7 +300,7 @@ class MainLoop:
         iteration = engine.state.iteration
         ranks = () if self.ranks.world_size == 1 else (self.ranks.rank,)  # each rank its own dropout masks
         torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration, *ranks))
-        lr = learning_rate(self.config, iteration, self.total_iterations)
+        lr = learning_rate(self.config, iteration, self.total_iterations, len(self.stream))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -341,21 +340,23 @@ class MainLoop:
         loss_sum, correct, count = self.ranks.sum(p.sums()).tolist()  # the one host sync of the epoch
         train_seconds = p.train_seconds()
         valid_started = time.perf_counter()
-        valid_loss = valid_acc = None
-        if len(self.valid[0]):
-            valid_loss, valid_acc, _ = evaluate(self.model, *self.valid, self.device, self.precision,
-                                                batch_size=4 * self.config["batch_size"])
+        validate = [(self.model, "")] + ([(self.ema.model, "ema_")] if self.ema else [])
+        columns = {}
+        for model, prefix in validate:
+            columns.update(validation_columns(model, *self.valid, self.device, self.precision,
+                                              4 * self.config["batch_size"], prefix))
         row = {"epoch": len(p.log) + 1, "iteration": engine.state.iteration, "train_loss": loss_sum / count,
-               "train_acc": correct / count, "valid_loss": valid_loss, "valid_acc": valid_acc,
-               "lr": self.optimizer.param_groups[0]["lr"],
+               "train_acc": correct / count, **columns, "lr": self.optimizer.param_groups[0]["lr"],
                "epoch_seconds": train_seconds + time.perf_counter() - valid_started,
                "images_per_second": count / train_seconds, "finished_at": time.time()}
         p.log.append(row)
+        best, prefix = validate[-1]  # with an EMA, the best model is the EMA's, by its own accuracy
+        valid_acc = row[prefix + "valid_acc"]
         if valid_acc is not None and (p.best_valid_acc is None or valid_acc > p.best_valid_acc):
             p.best_valid_acc = valid_acc
             if self.ranks.is_main:
                 with disk_errors_stop_training(self.folder.path):
-                    save_tensors(self.model.state_dict(), self.folder.path / BEST_MODEL)
+                    save_tensors(best.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
 
     def draw(self, engine):
@@ -385,7 +386,9 @@ def format_row(row, n_epochs):
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    ema = (f"ema valid loss {fmt(row['ema_valid_loss'], '.4f')} acc {fmt(row['ema_valid_acc'], '.4f')}  "
+           if "ema_valid_acc" in row else "")
     return (f"epoch {row['epoch']}/{n_epochs}  iter {row['iteration']}  "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  "
+            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  {ema}"
             f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f} s  {row['images_per_second']:.0f} img/s")

@@ -11,7 +11,8 @@ import time
 
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
-EPOCH_SCALARS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_second", "epoch_seconds")
+EPOCH_SCALARS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "ema_valid_loss", "ema_valid_acc", "lr",
+                 "images_per_second", "epoch_seconds")
 
 
 class Monitors:

@@ -1,12 +1,17 @@
 """Optimizers and learning-rate schedules, chosen by name from the config.
 
 Add an optimizer with a function `(config, params) -> torch.optim.Optimizer` and one line in
-OPTIMIZERS; a schedule with a function `(config, done) -> lr` (done: the fraction of training
-before this iteration, 0 at the first) and one line in SCHEDULES. The main loop sets every
-parameter group's `lr` before each step from `learning_rate`, a pure function of the iteration, so
-a schedule has no state to checkpoint and resumes exactly.
+OPTIMIZERS; a schedule with a function `(config, clock) -> lr` and one line in SCHEDULES, where
+`clock` says where training is (`clock.done`: the fraction of training before this iteration, 0 at
+the first; `clock.iteration`, `clock.total_iterations`, `clock.batches_per_epoch`). The main loop
+sets every parameter group's `lr` before each step from `learning_rate`, a pure function of the
+iteration, so a schedule has no state to checkpoint and resumes exactly.
+
+A warmup (`warmup` > 0) goes in front of any schedule: the schedule keeps its own timeline over the
+whole of training, and the warmup replaces its first `warmup` epochs or iterations.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -38,25 +43,58 @@ def build_optimizer(config, params):
     return OPTIMIZERS[name](config, params)
 
 
+class Clock(NamedTuple):
+    """Where training is when the 1-based `iteration` is about to run."""
+
+    iteration: int
+    total_iterations: int
+    batches_per_epoch: int
+
+    @property
+    def done(self):
+        """The fraction of training before this iteration: 0 at the first, towards 1 at the last."""
+        return (self.iteration - 1) / self.total_iterations
+
+    def iterations(self, length, unit):
+        """`length` in `unit` ("epochs" or "iterations") as a whole number of iterations."""
+        return length * self.batches_per_epoch if unit == "epochs" else length
+
+
 # Each keeps the arithmetic of the schedules as first written, so runs resume bit for bit across versions.
-def constant(config, done):
+def constant(config, clock):
     return config["lr"]
 
 
-def cosine(config, done):
-    return config["lr"] * 0.5 * (1 + math.cos(math.pi * done))
+def cosine(config, clock):
+    return config["lr"] * 0.5 * (1 + math.cos(math.pi * clock.done))
 
 
-def linear(config, done):
-    return config["lr"] * (1 - done)
+def linear(config, clock):
+    return config["lr"] * (1 - clock.done)
 
 
-SCHEDULES = {"constant": constant, "cosine": cosine, "linear": linear}
+def multistep(config, clock):
+    """`lr` times `lr_decay` for every milestone passed: a milestone at epoch (or iteration) m is passed
+    once m epochs (iterations) are done, as torch's MultiStepLR stepped once per epoch (iteration)."""
+    unit = config["schedule_unit"]
+    passed = sum(clock.iteration - 1 >= clock.iterations(m, unit) for m in config["lr_milestones"])
+    return config["lr"] * config["lr_decay"] ** passed
 
 
-def learning_rate(config, iteration, total_iterations):
+SCHEDULES = {"constant": constant, "cosine": cosine, "linear": linear, "multistep": multistep}
+
+
+def learning_rate(config, iteration, total_iterations, batches_per_epoch):
     """The learning rate of the 1-based `iteration` of `total_iterations`: no state, exact on resume."""
     name = config["lr_schedule"]
     if name not in SCHEDULES:
         raise UsageError(f"unknown --lr_schedule '{name}'; use one of {', '.join(sorted(SCHEDULES))}")
-    return SCHEDULES[name](config, (iteration - 1) / total_iterations)
+    schedule, clock = SCHEDULES[name], Clock(iteration, total_iterations, batches_per_epoch)
+    warmup = clock.iterations(config["warmup"], config["schedule_unit"])
+    if iteration - 1 >= warmup:  # always, when warmup is off
+        return schedule(config, clock)
+    if config["warmup_shape"] == "constant":  # He et al.'s ResNet-110: 0.01 for the first 400 iterations
+        return config["warmup_lr"]
+    # A straight line from warmup_lr to where the schedule is at the first iteration after the warmup.
+    target = schedule(config, clock._replace(iteration=min(warmup + 1, total_iterations)))
+    return config["warmup_lr"] + (target - config["warmup_lr"]) * (iteration - 1) / warmup

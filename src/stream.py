@@ -1,12 +1,13 @@
 """The training stream: batches of a training set on the run's device, whose order and augmentation
-are pure functions of (seed, epoch, batch), so that its position is its whole state; and the
-train/validation split, a permutation seeded from the run's seed.
+(crop and flip, cutout, mixup) are pure functions of (seed, epoch, batch), so that its position is
+its whole state; and the train/validation split, a permutation seeded from the run's seed.
 """
 import numpy as np
 
 from src.errors import RunError, UsageError
 
 SEED_SPLIT, SEED_ORDER, SEED_AUGMENT = 0, 1, 2
+SEED_CUTOUT, SEED_MIXUP = 5, 6  # 3 and 4 are src.main_loop's
 _MASK64 = (1 << 64) - 1
 
 
@@ -45,6 +46,9 @@ class TrainStream:
     each epoch's permutation is dropped (a different remainder each epoch). With `shard=(rank,
     world_size)` it yields that rank's contiguous slice of every global batch, augmented exactly as
     a single process would augment those images.
+
+    `regularise(cutout, mixup)` adds cutout and mixup (then the images are float32 pixel values, and
+    under mixup each batch is `(images, labels, partner_labels, lam)`: see src.recipe).
     """
 
     def __init__(self, images, labels, batch_size, seed, augment, device, shard=(0, 1)):
@@ -58,6 +62,12 @@ class TrainStream:
         per_rank = self.batch_size // world_size
         self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self.mean, self.std = channel_mean_std(self.images)
+        self.cutout, self.mixup = 0, 0.0
+
+    def regularise(self, cutout=0, mixup=0.0):
+        """Cutout's square side (DeVries & Taylor 2017) and mixup's alpha (Zhang et al. 2018); 0 = off."""
+        self.cutout, self.mixup = cutout, mixup
+        return self
 
     def __len__(self):
         return len(self.images) // self.batch_size
@@ -66,23 +76,41 @@ class TrainStream:
         import torch
 
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_ORDER, epoch))
-        order = torch.randperm(len(self.images), generator=generator).to(self.device)
+        order = self._on_device(torch.randperm(len(self.images), generator=generator))
         for b in range(start_batch, len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size][self.mine]
-            x = self.images[index]
-            if self.augment:
-                x = self._augment(x, epoch, b)
-            yield x, self.labels[index]
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            index = batch[self.mine]
+            x = self._images(index, self.mine, epoch, b)
+            if self.mixup:
+                yield self._mix(x, batch, index, epoch, b)
+            else:
+                yield x, self.labels[index]
 
-    def _augment(self, x, epoch, batch):
+    def _on_device(self, drawn):
+        """Draws made on the host, sent to the device without waiting for it: on CUDA a copy from pageable
+        memory would wait for every kernel queued so far, so they go through pinned memory, asynchronously."""
+        if self.device.type != "cuda":
+            return drawn.to(self.device)
+        return drawn.pin_memory().to(self.device, non_blocking=True)
+
+    def _images(self, index, at, epoch, batch):
+        """The images `index`, rows `at` (a slice or indices) of global batch `batch`, augmented as those rows are."""
+        x = self.images[index]
+        if self.augment:
+            x = self._augment(x, at, epoch, batch)
+        if self.cutout:
+            x = self._cutout(x, at, epoch, batch)
+        return x
+
+    def _augment(self, x, at, epoch, batch):
         """Random crop with 4 pixels of zero padding, and horizontal flip, on the whole batch."""
         import torch
         import torch.nn.functional as F
 
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_AUGMENT, epoch, batch))
         # Drawn for the whole global batch, then this rank's rows: sharding never changes an image's draw.
-        shifts = torch.randint(0, 9, (self.batch_size, 2), generator=generator)[self.mine].to(self.device)
-        flips = (torch.rand(self.batch_size, generator=generator) < 0.5)[self.mine].to(self.device)
+        shifts = self._on_device(torch.randint(0, 9, (self.batch_size, 2), generator=generator)[at])
+        flips = self._on_device((torch.rand(self.batch_size, generator=generator) < 0.5)[at])
         n, _, h, w = x.shape
         padded = F.pad(x, (4, 4, 4, 4))
         c, ph, pw = padded.shape[1:]
@@ -95,6 +123,40 @@ class TrainStream:
         where = (image_start[:, None, None, None] + channel_start[None, :, None, None]
                  + (rows * pw)[:, None, :, None] + cols[:, None, None, :])
         return padded.reshape(-1)[where]
+
+    def _cutout(self, x, at, epoch, batch):
+        """A `cutout`-sided square per image, its centre uniform over the image, clipped at the borders, set to
+        the training set's per-channel mean: 0 after the model's standardisation, as the reference code
+        zeroes the normalised image. (Its side is `cutout` for odd sides too, where the reference's is one less.)"""
+        import torch
+
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_CUTOUT, epoch, batch))
+        h, w = x.shape[2:]
+        centres = torch.stack([torch.randint(0, h, (self.batch_size,), generator=generator),
+                               torch.randint(0, w, (self.batch_size,), generator=generator)], 1)
+        corners = self._on_device(centres[at]) - self.cutout // 2  # the squares' top-left; may lie off the image
+        offsets = [torch.arange(size, device=self.device) - corners[:, axis, None] for axis, size in enumerate((h, w))]
+        inside = [(offset >= 0) & (offset < self.cutout) for offset in offsets]  # (n, h) and (n, w)
+        square = inside[0][:, :, None] & inside[1][:, None, :]
+        return torch.where(square[:, None], self.mean, x.float())
+
+    def _mix(self, x, batch, index, epoch, b):
+        """Mixup: every image mixed with its partner under one permutation of the global batch, with one
+        lam ~ Beta(alpha, alpha) per batch. Each rank rebuilds its rows' partners, wherever they sit in the
+        global batch, so that sharding changes nothing."""
+        import torch
+
+        rng = np.random.default_rng(derive_seed(self.seed, SEED_MIXUP, epoch, b))
+        lam = float(rng.beta(self.mixup, self.mixup))
+        partners = torch.from_numpy(rng.permutation(self.batch_size))[self.mine]  # rows of the global batch
+        rows = self._on_device(partners)
+        partner_index = batch[rows]
+        if len(partners) == self.batch_size:  # one process: the partners are this batch's own rows
+            partner_images = x[rows]
+        else:  # a rank: its rows' partners may be in other ranks' slices; build them as those ranks do
+            partner_images = self._images(partner_index, partners, epoch, b)
+        mixed = lam * x.float() + (1 - lam) * partner_images.float()
+        return mixed, self.labels[index], self.labels[partner_index], lam
 
 
 def channel_mean_std(images):

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import (
     RESUMABLE,
@@ -27,13 +28,12 @@ def newest_iteration(run):
     return checkpoint_iteration(paths[0]) if paths else -1
 
 
-def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir, tmp_path):
-    """Kill -9 again and again, at random instants after fresh progress, often inside a checkpoint write."""
-    run = tmp_path / "run"
-    args = ["cifar10", run, *TINY, *RESUMABLE, "--checkpoint_every_n_batches=2"]
-    rng = random.Random(20261125)
+def kill_again_and_again(args, data_dir, n_kills, rng):
+    """Start the run and kill -9 it, `n_kills` times, at random instants after fresh progress, every third
+    time inside a checkpoint write; -> (kills, kills while writing). Then finish it uninterrupted."""
+    run = args[1]
     kills = kills_while_writing = 0
-    while kills < N_KILLS:
+    while kills < n_kills:
         before = newest_iteration(run)
         process = start_script(TRAIN_SCRIPT, *args, data_dir=data_dir, PYTHONPATH=FAULTS, SLOW_FSYNC_SECONDS="0.02")
         deadline = time.monotonic() + 120
@@ -52,12 +52,54 @@ def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir
         process.wait()
         kills += 1
         kills_while_writing += writing
-    assert kills == N_KILLS, f"the run finished after only {kills} kills"
-    assert kills_while_writing >= N_KILLS // 3, f"only {kills_while_writing} kills landed inside a checkpoint write"
     final = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
     assert final.returncode == 0, final.stderr
+    return kills, kills_while_writing
+
+
+def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir, tmp_path):
+    """Kill -9 again and again, at random instants after fresh progress, often inside a checkpoint write."""
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, "--checkpoint_every_n_batches=2"]
+    kills, kills_while_writing = kill_again_and_again(args, data_dir, N_KILLS, random.Random(20261125))
+    assert kills == N_KILLS, f"the run finished after only {kills} kills"
+    assert kills_while_writing >= N_KILLS // 3, f"only {kills_while_writing} kills landed inside a checkpoint write"
     assert_identical(reference_run, run)
     print(f"{kills} kills ({kills_while_writing} during a checkpoint write), final state bit-identical")
+
+
+# Every recipe knob on (issue 11): EMA, cutout, mixup, label smoothing, gradient clipping, and a linear warmup
+# of 5 iterations in front of a multistep schedule whose milestones (in iterations) fall mid-epoch.
+RECIPE = ["--ema=0.9", "--cutout=8", "--mixup=1.0", "--label_smoothing=0.1", "--grad_clip=0.5", "--warmup=5",
+          "--warmup_lr=0.005", "--schedule_unit=iterations", "--lr_schedule=multistep", "--lr_milestones=[20,37]"]
+N_RECIPE_KILLS = 4
+
+
+@pytest.fixture(scope="module")
+def recipe_reference(tmp_path_factory, data_dir):
+    path = tmp_path_factory.mktemp("recipe_reference") / "run"
+    result = run_script(TRAIN_SCRIPT, "cifar10", path, *TINY, *RESUMABLE, *RECIPE, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_killed_with_every_recipe_knob_on_resumes_bit_identical(recipe_reference, data_dir, tmp_path):
+    """The same kills with the stateful (EMA) and random (cutout, mixup) knobs on: weights, optimizer state, EMA,
+    counters and log rows (EMA columns included) end bit for bit as in an uninterrupted run."""
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, *RECIPE, "--checkpoint_every_n_batches=2"]
+    kills, kills_while_writing = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(11))
+    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
+    assert kills_while_writing >= 1
+    assert_identical(recipe_reference, run)
+    a, b = (load_tensors(list_checkpoints(r / "checkpoints")[0]) for r in (recipe_reference, run))
+    assert int(a["ema"]["n_averaged"]) == int(b["ema"]["n_averaged"]) == 45
+    assert a["ema"]["model"].keys() == b["ema"]["model"].keys()
+    for key, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][key]), key
+    assert "ema_valid_acc" in a["progress"]["log"][-1]
+    best_a, best_b = (load_tensors(r / "best_model.pt") for r in (recipe_reference, run))  # the EMA's, both
+    assert all(torch.equal(value, best_b[key]) for key, value in best_a.items())
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGUSR1, signal.SIGUSR2])

@@ -8,7 +8,9 @@ from src.errors import UsageError
 from src.optim import OPTIMIZERS, SCHEDULES, build_optimizer, learning_rate
 
 CONFIG = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "adam_beta2": 0.999, "optimizer": "sgd",
-          "lr_schedule": "cosine"}
+          "lr_schedule": "cosine", "lr_milestones": [], "lr_decay": 0.1, "warmup": 0, "warmup_shape": "linear",
+          "warmup_lr": 0.0, "schedule_unit": "epochs"}
+BATCHES = 10  # batches per epoch, for the schedules whose keys are in epochs
 
 
 def params():
@@ -61,20 +63,75 @@ def test_schedules_as_first_written_bit_for_bit():
     total = 300
     for iteration in (1, 2, 150, 299, 300):
         done = (iteration - 1) / total
-        assert learning_rate({**CONFIG, "lr_schedule": "cosine"}, iteration, total) == \
+        assert learning_rate({**CONFIG, "lr_schedule": "cosine"}, iteration, total, BATCHES) == \
             0.1 * 0.5 * (1 + math.cos(math.pi * done))
-        assert learning_rate({**CONFIG, "lr_schedule": "linear"}, iteration, total) == 0.1 * (1 - done)
-        assert learning_rate({**CONFIG, "lr_schedule": "constant"}, iteration, total) == 0.1
+        assert learning_rate({**CONFIG, "lr_schedule": "linear"}, iteration, total, BATCHES) == 0.1 * (1 - done)
+        assert learning_rate({**CONFIG, "lr_schedule": "constant"}, iteration, total, BATCHES) == 0.1
 
 
 def test_schedules_start_at_lr_and_fall_towards_zero():
     for name in ("cosine", "linear"):
-        values = [learning_rate({**CONFIG, "lr_schedule": name}, i, 100) for i in range(1, 101)]
+        values = [learning_rate({**CONFIG, "lr_schedule": name}, i, 100, BATCHES) for i in range(1, 101)]
         assert values[0] == 0.1 and all(a >= b for a, b in zip(values, values[1:], strict=False))
         assert 0 < values[-1] < 0.002
 
 
 def test_unknown_schedule_is_a_usage_error():
-    with pytest.raises(UsageError, match="constant, cosine, linear"):
-        learning_rate({**CONFIG, "lr_schedule": "step"}, 1, 10)
-    assert sorted(SCHEDULES) == ["constant", "cosine", "linear"]
+    with pytest.raises(UsageError, match="constant, cosine, linear, multistep"):
+        learning_rate({**CONFIG, "lr_schedule": "step"}, 1, 10, BATCHES)
+    assert sorted(SCHEDULES) == ["constant", "cosine", "linear", "multistep"]
+
+
+# ------------------------------------------------------------------ multistep and warmup, in both units
+
+
+def lr_at(iteration, total=1000, batches=BATCHES, **keys):
+    return learning_rate({**CONFIG, **keys}, iteration, total, batches)
+
+
+@pytest.mark.parametrize("unit, milestones, first_after", [("epochs", [3, 5], (31, 51)),
+                                                           ("iterations", [3, 5], (4, 6))])
+def test_multistep_decays_once_each_milestone_is_done(unit, milestones, first_after):
+    """A milestone at m epochs (iterations) changes the lr from the first iteration after m of them are done."""
+    keys = {"lr_schedule": "multistep", "lr_milestones": milestones, "lr_decay": 0.2, "schedule_unit": unit}
+    one, two = first_after
+    assert lr_at(1, **keys) == lr_at(one - 1, **keys) == 0.1
+    assert lr_at(one, **keys) == lr_at(two - 1, **keys) == 0.1 * 0.2
+    assert lr_at(two, **keys) == lr_at(1000, **keys) == 0.1 * 0.2 ** 2
+
+
+def test_multistep_follows_the_batches_per_epoch():
+    keys = {"lr_schedule": "multistep", "lr_milestones": [2], "schedule_unit": "epochs"}
+    assert lr_at(60, batches=30, **keys) == 0.1 and lr_at(60, batches=20, **keys) == 0.1 * 0.1
+
+
+@pytest.mark.parametrize("unit, length", [("epochs", 2), ("iterations", 20)])
+def test_linear_warmup_ramps_to_the_schedule_then_hands_over(unit, length):
+    """20 iterations of warmup (2 epochs of 10 batches, or 20 iterations): a straight line from warmup_lr
+    to the schedule's value at iteration 21, which the schedule then takes over, on its own timeline."""
+    keys = {"warmup": length, "schedule_unit": unit, "warmup_lr": 0.01, "lr_schedule": "cosine"}
+    plain = [lr_at(i) for i in range(1, 101)]
+    warm = [lr_at(i, **keys) for i in range(1, 101)]
+    assert warm[0] == 0.01
+    assert warm[20:] == plain[20:]  # iteration 21 on: the cosine as if there were no warmup
+    steps = [b - a for a, b in zip(warm[:20], warm[1:21], strict=True)]
+    assert all(abs(s - (plain[20] - 0.01) / 20) < 1e-12 for s in steps)  # one straight line into iteration 21
+    assert warm[19] < plain[20] and warm[19] != plain[19]
+
+
+@pytest.mark.parametrize("unit, length", [("epochs", 40), ("iterations", 400)])
+def test_constant_warmup_holds_warmup_lr_as_he_et_al(unit, length):
+    """ResNet-110: 0.01 for the first 400 iterations, then 0.1, divided by 10 at 32k and 48k iterations."""
+    keys = {"warmup": length, "schedule_unit": unit, "warmup_shape": "constant", "warmup_lr": 0.01,
+            "lr_schedule": "multistep", "lr_milestones": [3200 if unit == "epochs" else 32000,
+                                                          4800 if unit == "epochs" else 48000]}
+    at = {i: lr_at(i, total=64000, **keys) for i in (1, 400, 401, 32000, 32001, 48000, 48001, 64000)}
+    assert at == {1: 0.01, 400: 0.01, 401: 0.1, 32000: 0.1, 32001: 0.1 * 0.1, 48000: 0.1 * 0.1,
+                  48001: 0.1 * 0.1 ** 2, 64000: 0.1 * 0.1 ** 2}
+
+
+def test_warmup_longer_than_training_stays_between_its_ends():
+    """The ramp aims at the schedule's last value, never past the end of training (linear would go negative)."""
+    values = [lr_at(i, total=50, warmup=100, schedule_unit="iterations", warmup_lr=0.02, lr_schedule="linear")
+              for i in range(1, 51)]
+    assert values[0] == 0.02 and all(v > 0 for v in values) and values == sorted(values, reverse=True)

@@ -203,12 +203,13 @@ def train_family(data_dir, monkeypatch, capsys):
     monkeypatch.setenv("DATA_DIR", str(data_dir))
 
     def run(model, save_path, *overrides):
+        from src.cli import dispatch_with_overrides
+
         runner = importlib.import_module(f"src.scripts.train_{model}")
         config, *tiny = FAMILY_RUNS[model]
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info, one_thread():
-            runner.dispatch_with_overrides(runner.train, family(model), [config, str(save_path), *tiny, *QUIET,
-                                                                          *overrides])
+            dispatch_with_overrides(runner.train, family(model), [config, str(save_path), *tiny, *QUIET, *overrides])
         out, err = capsys.readouterr()
         assert exit_info.value.code == 0, err
         return out

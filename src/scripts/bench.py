@@ -1,9 +1,11 @@
-"""make bench: what one training step of the default model costs, and what a whole epoch costs around it.
+"""make bench: what one training step of the default model costs, what a whole epoch costs around it, and
+what the full regularisation recipe (EMA, mixup, cutout, label smoothing) costs on top of the plain step.
 
 Everything is measured in one process, interleaved (one round of every measurement, then the
 next round), and reported as medians, so that a noisy shared machine moves all rows alike. The
 number that matters is the last line: the main loop's time per image over the bare step's.
 """
+import copy
 import os
 import sys
 import tempfile
@@ -14,8 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 
 from src.cli import dispatch, exit_codes  # noqa: E402
+from src.extensions import EMA  # noqa: E402
 from src.main_loop import build_training_model, train_step  # noqa: E402  (the loop's own step, timed bare)
 from src.models import build_model  # noqa: E402
+from src.recipe import PLAIN, Recipe  # noqa: E402
+
+# The recipe row: the papers' CIFAR-10 values (cutout 16, mixup alpha 1, smoothing 0.1) and a usual EMA decay.
+RECIPE = {"ema": 0.999, "mixup": 1.0, "cutout": 16, "label_smoothing": 0.1}
 
 SCRATCH = "scratch"
 RESULT_FILE = "scratch/bench.json"
@@ -53,16 +60,40 @@ class Bench:
                                             config["valid_size"], -1, data_dir=data_dir)
         # Distinct batches, as training sees them (one batch reused would sit in the CPU caches).
         self.batches = [batch for _, batch in zip(range(steps), self.stream.epoch(1), strict=False)]
-        self.images, self.labels = self.batches[0]
         self.fp32 = make_model(config, self.stream, device, "fp32")
         self.best = make_model(config, self.stream, device, precision)
+        self.recipe_stream = copy.copy(self.stream).regularise(RECIPE["cutout"], RECIPE["mixup"])  # same data
+        self.recipe = Recipe(label_smoothing=RECIPE["label_smoothing"])
+        self.ema = EMA(self.best[0], RECIPE["ema"])
         for _ in range(3):  # warm-up: kernels chosen, memory allocated
             self.bare(*self.fp32, "fp32")
             self.bare(*self.best, precision)
+            self.recipe_off()
+            self.recipe_on()
 
     def bare(self, model, optimizer, precision):
-        for images, labels in self.batches:
-            train_step(model, optimizer, images, labels, self.device, precision)
+        for batch in self.batches:
+            train_step(model, optimizer, batch, self.device, precision)
+
+    def stream_and_step(self, stream, recipe, ema):
+        """`steps` batches drawn from `stream` and stepped on the best model, as the main loop's step does."""
+        model, optimizer = self.best
+
+        def run():
+            for _, batch in zip(range(self.steps), stream.epoch(3), strict=False):
+                train_step(model, optimizer, batch, self.device, self.precision, recipe)
+                if ema is not None:
+                    ema.update()
+
+        return time_images(run, self.steps * stream.batch_size, self.device)
+
+    def recipe_off(self):
+        """The plain step with its stream (crop and flip), to compare the recipe with."""
+        return self.stream_and_step(self.stream, PLAIN, None)
+
+    def recipe_on(self):
+        """The same with EMA, mixup, cutout and label smoothing all on."""
+        return self.stream_and_step(self.recipe_stream, self.recipe, self.ema)
 
     def bare_fp32(self):
         return time_images(lambda: self.bare(*self.fp32, "fp32"), self.n_bare_images, self.device)
@@ -143,7 +174,7 @@ class Bench:
 
         def run():
             for _, (images, labels) in zip(range(self.steps), batches, strict=False):
-                train_step(model, optimizer, images.to(self.device), labels.to(self.device), self.device,
+                train_step(model, optimizer, (images.to(self.device), labels.to(self.device)), self.device,
                            self.precision)
 
         return time_images(run, self.steps * self.config["batch_size"], self.device)
@@ -202,7 +233,8 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
         write_cifar("cifar10", data_dir, n_train=n_images, n_test=100)
         bench = Bench(config, Path(data_dir), steps, device, precision)
         rounds = {name: [] for name in ("bare_fp32", "bare_best", "bare_best_one_thread", "stream_only",
-                                        "end_to_end", "per_sample_reference", "evaluation", "checkpoint_ms")}
+                                        "end_to_end", "per_sample_reference", "evaluation", "checkpoint_ms",
+                                        "recipe_off", "recipe_on")}
         for r in range(repeats):
             for name, values in rounds.items():
                 values.append(getattr(bench, name)())
@@ -216,6 +248,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     result["ratio"] = best / result["end_to_end_epoch"]
     epoch_ms_default = 1000 * 45000 / result["end_to_end_epoch"]
     result["checkpoint_share_of_default_epoch"] = result["checkpoint_ms"] / epoch_ms_default
+    result["recipe_fraction"] = result["recipe_on"] / result["recipe_off"]
     environment = {"device": str(device), "precision": precision, "channels_last": bench.channels_last,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine(), "batch_size": config["batch_size"],
@@ -237,11 +270,11 @@ def measure_compile(bench):
     model, optimizer = make_model(bench.config, bench.stream, bench.device, bench.precision)
     compiled = torch.compile(model)
     started = time.perf_counter()
-    train_step(compiled, optimizer, bench.images, bench.labels, bench.device, bench.precision)
+    train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision)
     synchronize(bench.device)
     compile_seconds = time.perf_counter() - started
     for _ in range(3):
-        train_step(compiled, optimizer, bench.images, bench.labels, bench.device, bench.precision)
+        train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision)
     rates = [time_images(lambda: bench.bare(compiled, optimizer, bench.precision), bench.n_bare_images,
                          bench.device) for _ in range(3)]
     eager = [bench.bare_best() for _ in range(3)]
@@ -270,6 +303,12 @@ def print_table(result, environment, compiled):
         print(f"{name:72}{rate:10.0f}{rate / best:12.2f}")
     print(f"{'(g) one checkpoint (default model + optimizer), ms':72}{result['checkpoint_ms']:10.1f}"
           f"{'':>4}{100 * result['checkpoint_share_of_default_epoch']:.2f}% of a default epoch")
+    print(f"{'(h) stream + step, plain (crop, flip)':72}{result['recipe_off']:10.0f}"
+          f"{result['recipe_off'] / best:12.2f}")
+    print(f"{'(h) stream + step, + EMA, mixup, cutout, label smoothing':72}{result['recipe_on']:10.0f}"
+          f"{result['recipe_on'] / best:12.2f}")
+    print(f"(h) the full recipe runs at {result['recipe_fraction']:.3f} of the plain step's rate "
+          f"({100 * (1 / result['recipe_fraction'] - 1):+.1f}% time per image)")
     if compiled:
         print(f"torch.compile: {compiled['compile_seconds']:.1f} s to compile, "
               f"{compiled['compiled_images_per_second']:.0f} images/s compiled vs "

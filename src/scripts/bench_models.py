@@ -1,0 +1,106 @@
+"""make bench, the models' part: for each reference config, its parameters, multiply-accumulates per image and
+the training step's speed here: python src/scripts/bench_models.py [--steps N] [--out FILE] [--only NAME,...]
+
+Parameters and MACs are counted by torch (`torch.utils.flop_counter`: convolutions and dense layers, one
+32x32 image, MACs = FLOPs / 2). The speed is the bare training step (forward, backward, optimizer; the
+main loop's own `train_step`, model and optimizer built as the main loop builds them) on random uint8
+batches, after one warm-up step, at the precision `auto` picks; an epoch of 45,000 images is that rate's
+time, so the loop's small overhead (README, Performance) comes on top.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
+
+from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
+
+if __name__ == "__main__":
+    exit_at_once_on("SIGINT")
+
+from src.cli import dispatch, exit_codes  # noqa: E402
+
+RESULT_FILE = "scratch/bench_models.json"
+# (family, named config, batch for the speed): the big models' batches are smaller so a step stays seconds here.
+CONFIGS = [("simple_cnn", "cifar10", 128), ("resnet", "resnet20", 128), ("resnet", "resnet56", 128),
+           ("resnet", "resnet110", 64), ("wrn", "wrn_16_4", 64), ("wrn", "wrn_28_10", 16),
+           ("preact_resnet", "preact_resnet18", 32), ("vgg", "vgg11_bn", 64), ("vgg", "vgg16_bn", 64)]
+
+
+def macs_per_image(model):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=next(model.parameters()).device))
+    model.train()
+    return counter.get_total_flops() // 2
+
+
+def measure(config, batch, steps, device, precision):
+    """(parameters, MACs per image, training images per second) of `config`'s model."""
+    import types
+
+    import torch
+
+    from src.main_loop import build_training_model, train_step
+    from src.models import build_model
+
+    stream = types.SimpleNamespace(mean=torch.full((1, 3, 1, 1), 120.0), std=torch.full((1, 3, 1, 1), 60.0))
+    model, optimizer = build_training_model(config, build_model, stream, device, precision)
+    parameters = sum(p.numel() for p in model.parameters())
+    macs = macs_per_image(model)
+    generator = torch.Generator().manual_seed(0)
+    n_classes = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
+    batches = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device),
+                torch.randint(0, n_classes, (batch,), generator=generator).to(device)) for _ in range(steps + 1)]
+    train_step(model, optimizer, batches[0], device, precision)  # warm-up: kernels chosen, memory allocated
+    synchronize(device)
+    started = time.perf_counter()
+    for batch_of_images in batches[1:]:
+        train_step(model, optimizer, batch_of_images, device, precision)
+    synchronize(device)
+    return parameters, macs, steps * batch / (time.perf_counter() - started)
+
+
+def synchronize(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@exit_codes
+def main(*, steps=3, out=RESULT_FILE, only=None):
+    """Parameters, MACs per image and training images/s of each reference config's model."""
+    import json
+
+    import torch
+
+    from src.config import family
+    from src.hardware import choose_device, choose_precision
+
+    device = choose_device("auto")
+    precision = choose_precision("auto", device)
+    chosen = set(only.split(",")) if only else None
+    rows = []
+    print(f"{'config':18}{'parameters':>14}{'MACs/image':>14}{'images/s':>10}{'epoch (45k), s':>16}   batch")
+    for model_family, name, batch in CONFIGS:
+        if chosen is not None and name not in chosen:
+            continue
+        config = family(model_family).get(name)
+        parameters, macs, rate = measure(config, batch, steps, device, precision)
+        rows.append({"config": name, "parameters": parameters, "macs": macs, "images_per_second": rate,
+                     "batch": batch, "epoch_seconds_45k": 45000 / rate})
+        print(f"{name:18}{parameters:14,}{macs / 1e6:13.1f}M{rate:10.1f}{45000 / rate:16.0f}   {batch}", flush=True)
+    environment = {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "steps": steps}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"models": rows, "environment": environment}, indent=2) + "\n")
+    print(f"saved {out} ({device}, {precision}, {environment['threads']} threads)")
+
+
+if __name__ == "__main__":
+    dispatch(main, description=__doc__)
