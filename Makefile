@@ -20,8 +20,10 @@ install:
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	[ -f env.sh ] || cp env.sh.example env.sh
 
+# Both cores: one pytest worker each, whole test files per worker (their session fixtures stay shared);
+# 6.4 min in one process, 4.9 min in two, on this project's 2-core machine.
 test:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The unit tests alone, in seconds, for working: every test not marked slow (see tests/conftest.py).
 test-fast:
