@@ -90,13 +90,9 @@ def train_here(data_dir, monkeypatch, capsys):
     return run
 
 
-@pytest.fixture
-def evaluate_here(data_dir, monkeypatch, capsys):
-    """evaluate.py's main in this process: -> CompletedProcess(returncode, stdout, stderr)."""
+def in_process(main, capsys):
+    """A script's `main`, dispatched in this process: run(*args) -> CompletedProcess(returncode, stdout, stderr)."""
     from src.cli import dispatch
-    from src.scripts.evaluate import main
-
-    monkeypatch.setenv("DATA_DIR", str(data_dir))
 
     def run(*args):
         capsys.readouterr()
@@ -106,6 +102,24 @@ def evaluate_here(data_dir, monkeypatch, capsys):
         return subprocess.CompletedProcess([], exit_info.value.code, out, err)
 
     return run
+
+
+def one_line_error(excinfo, *needles):
+    """The message of `excinfo`: one line, naming each of `needles` (typically a path)."""
+    message = str(excinfo.value)
+    assert "\n" not in message and "\r" not in message, f"multi-line error: {message!r}"
+    for needle in needles:
+        assert str(needle) in message, f"{needle!r} not named in {message!r}"
+    return message
+
+
+@pytest.fixture
+def evaluate_here(data_dir, monkeypatch, capsys):
+    """evaluate.py's main in this process: -> CompletedProcess(returncode, stdout, stderr)."""
+    from src.scripts.evaluate import main
+
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    return in_process(main, capsys)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from src import data, download
+from conftest import one_line_error as one_line
 from src.cifar_writer import py2_pickle, write_cifar
 from src.data import DATASETS, get_cifar, load_cifar, split_train_valid
 from src.errors import RunError, UsageError
@@ -25,14 +26,6 @@ from src.errors import RunError, UsageError
 N_TRAIN, N_TEST = 50, 10
 CIFAR10 = DATASETS["cifar10"]
 CACHE = "cifar10-cache-v1"
-
-
-def one_line(excinfo, *needles):
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message, f"multi-line error: {message!r}"
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not named in {message!r}"
-    return message
 
 
 def assert_same(a, b):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from src import cifar_files, download
+from conftest import one_line_error as one_line
 from src.cifar_writer import py2_pickle, write_cifar
 from src.data import (
     DATASETS,
@@ -50,14 +51,6 @@ def toy():
                                      class_names=lambda data_dir, label_mode: list(TOY_NAMES)))
     yield entry
     DATASETS.pop("toy")
-
-
-def one_line(excinfo, *needles):
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message, f"multi-line error: {message!r}"
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not named in {message!r}"
-    return message
 
 
 # --- the registry: a toy dataset through it alone -----------------------------------------------------------

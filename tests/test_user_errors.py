@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EVALUATE_SCRIPT, REPO, TINY, TRAIN_SCRIPT, script_env
+from conftest import EVALUATE_SCRIPT, REPO, TINY, TRAIN_SCRIPT, in_process, script_env
 from configs.simple_cnn import MAX_PARAMETERS, simple_cnn_configs, simple_cnn_parameters, validate
 from src.analysis import UnreadableRun, load_main_loop, load_runs
-from src.cli import dispatch, dispatch_with_overrides
+from src.cli import dispatch_with_overrides
 from src.config import ConfigRegistry, apply_overrides
 from src.errors import RunError, UsageError
 
@@ -198,17 +198,10 @@ def test_a_deeply_nested_override_of_a_list_key_is_one_line(capsys, tmp_path, te
 
 
 @pytest.fixture
-def report_here(monkeypatch, capsys):
+def report_here(capsys):
     from src.scripts.report import main
 
-    def run(*args):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            dispatch(main, [str(a) for a in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess([], exit_info.value.code, out, err)
-
-    return run
+    return in_process(main, capsys)
 
 
 def test_report_skips_runs_with_absurd_numbers_and_sorts_mixed_columns(finished, tmp_path, report_here):
