@@ -2,8 +2,7 @@
 ("Identity Mappings") with the CIFAR stem (src/resnets.py), on a common modern recipe."""
 from pathlib import Path
 
-from configs.resnet import model_problems, n_outputs, size_problems
-from configs.training import TRAINING_ROOT, training_problems
+from configs.training import TRAINING_ROOT, model_problems, n_outputs, size_problems, training_problems
 from src.config import ConfigRegistry, register_family
 from src.resnets import preact_resnet18_parameters
 

@@ -1,42 +1,13 @@
 """Named configs for `src/scripts/train_resnet.py`: He et al. 2016's CIFAR ResNets (src/resnets.py) and
-their recipe. Also the checks the reference families share (configs/wrn.py, preact_resnet.py, vgg.py)."""
+their recipe."""
 from pathlib import Path
 
-from configs.simple_cnn import MAX_PARAMETERS
-from configs.training import TRAINING_ROOT, training_problems
+from configs.training import TRAINING_ROOT, model_problems, n_outputs, size_problems, training_problems
 from src.config import ConfigRegistry, register_family
-from src.data import dataset_entry, dataset_names
 from src.resnets import resnet_parameters
 
 RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_resnet.py"
 SHORTCUTS = ("A", "B")
-
-
-def n_outputs(config):
-    """The classifier's size, or None where the dataset or its label set is unknown (training_problems says so)."""
-    if config["dataset"] in dataset_names() and config["label_mode"] in dataset_entry(config["dataset"]).n_classes:
-        return dataset_entry(config["dataset"]).n_classes[config["label_mode"]]
-    return None
-
-
-def model_problems(config, model):
-    if config["model"] == model:
-        return []
-    return [f"--model is the family of this runner's configs, {model}, not '{config['model']}'"]
-
-
-def size_problems(config, count, keys):
-    """An absurd size is refused before anything is built, as for the simple CNN (configs/simple_cnn.py)."""
-    if count <= MAX_PARAMETERS:
-        return []
-    sizes = ", ".join(f"--{key}={config[key]}" for key in keys)
-    give = "give" if len(keys) > 1 else "gives"
-    return [f"{sizes} {give} a model of {count:.3g} parameters; at most {MAX_PARAMETERS:,} can be trained "
-            "(4 bytes for each weight, its gradient and the optimizer's state of it)"]
-
-
-def dropout_problems(config):
-    return [] if 0 <= config["dropout"] < 1 else [f"--dropout must be in [0, 1), not {config['dropout']}"]
 
 
 def validate(config):

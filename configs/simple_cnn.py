@@ -1,17 +1,16 @@
 """Named configs for `src/scripts/train_simple_CNN.py`. Add an experiment with `configs.derive(...)`."""
 from pathlib import Path
 
-from configs.training import TRAINING_ROOT, choices, training_problems
+from configs.training import (  # noqa: F401  (MAX_PARAMETERS: public here too)
+    MAX_PARAMETERS, TRAINING_ROOT, choices, model_problems, n_outputs, size_problems, training_problems,
+)
 from src.config import ConfigRegistry, register_family
-from src.data import DATASETS, dataset_entry, dataset_names
+from src.data import DATASETS
 
 # Allowed values of the keys that take one of a few words (the registries' names; see configs/training.py).
 CHOICES = choices()
 # The label sets of the built-in datasets and their classes, as their entries in src.data.DATASETS say.
 CLASSES = {(name, mode): n for name, entry in DATASETS.items() for mode, n in entry.n_classes.items()}
-# Far above any model this family is meant for (n_filters=512, n_layers=5 has 0.4e9; WRN-28-10 has
-# 0.04e9), yet training one this size takes 24 GB (weights, gradients, momentum): a larger count is a typo.
-MAX_PARAMETERS = 2 * 10**9
 RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_simple_CNN.py"
 
 
@@ -22,8 +21,7 @@ def validate(config):
     so an absurd value is refused before anything is built or written.
     """
     problems = training_problems(config)
-    if config["model"] != "simple_cnn":
-        problems.append(f"--model is the family of this runner's configs, simple_cnn, not '{config['model']}'")
+    problems += model_problems(config, "simple_cnn")
     for key in ("n_layers", "n_filters", "dim_dense"):
         if config[key] < 1:
             problems.append(f"--{key} must be at least 1, not {config[key]}")
@@ -32,9 +30,8 @@ def validate(config):
     if config["n_layers"] > 5:
         problems.append(f"--n_layers must be at most 5 (each block halves the 32x32 image), not {config['n_layers']}")
     sizes_sane = 1 <= config["n_layers"] <= 5 and config["n_filters"] >= 1 and config["dim_dense"] >= 1
-    known = config["dataset"] in dataset_names() and config["label_mode"] in dataset_entry(config["dataset"]).n_classes
-    if sizes_sane and known:  # what the count needs
-        problems += _size_problems(config)
+    if sizes_sane and n_outputs(config) is not None:  # what the count needs
+        problems += size_problems(config, simple_cnn_parameters(config), ("n_layers", "n_filters", "dim_dense"))
     return problems
 
 
@@ -63,14 +60,4 @@ def simple_cnn_parameters(config):
         count += channels * out * 9 + (2 * out if config["batch_norm"] else out)  # conv (+ bias or batch norm)
         channels = out
     side = 32 // 2 ** config["n_layers"]
-    n_outputs = dataset_entry(config["dataset"]).n_classes[config["label_mode"]]
-    return count + (channels * side * side + 1) * config["dim_dense"] + (config["dim_dense"] + 1) * n_outputs
-
-
-def _size_problems(config):
-    count = simple_cnn_parameters(config)
-    if count <= MAX_PARAMETERS:
-        return []
-    sizes = ", ".join(f"--{key}={config[key]}" for key in ("n_layers", "n_filters", "dim_dense"))
-    return [f"{sizes} give a model of {count:.3g} parameters; at most {MAX_PARAMETERS:,} can be trained "
-            "(4 bytes for each weight, its gradient and the optimizer's state of it)"]
+    return count + (channels * side * side + 1) * config["dim_dense"] + (config["dim_dense"] + 1) * n_outputs(config)

@@ -40,6 +40,9 @@ TRAINING_ROOT = {
     "checkpoint_every_n_batches": 0,  # counted from the start of training; 0 = off
     "checkpoint_every_seconds": 300.0,  # 0 = off
 }
+# Far above any model these families are meant for (the simple CNN at n_filters=512, n_layers=5 has 0.4e9;
+# WRN-28-10 has 0.04e9), yet training one this size takes 24 GB (weights, gradients, momentum): a typo.
+MAX_PARAMETERS = 2 * 10**9
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
 
@@ -117,3 +120,31 @@ def recipe_problems(config):
         if not 0 <= config[key] < 1:
             problems.append(f"--{key} must be in [0, 1), not {config[key]}")
     return problems
+
+
+# The checks every model family makes of its own keys (configs/<family>.py).
+def n_outputs(config):
+    """The classifier's size, or None where the dataset or its label set is unknown (training_problems says so)."""
+    if config["dataset"] in dataset_names() and config["label_mode"] in dataset_entry(config["dataset"]).n_classes:
+        return dataset_entry(config["dataset"]).n_classes[config["label_mode"]]
+    return None
+
+
+def model_problems(config, model):
+    if config["model"] == model:
+        return []
+    return [f"--model is the family of this runner's configs, {model}, not '{config['model']}'"]
+
+
+def size_problems(config, count, keys):
+    """An absurd size (`count` parameters, from the family's `keys`) is refused before anything is built."""
+    if count <= MAX_PARAMETERS:
+        return []
+    sizes = ", ".join(f"--{key}={config[key]}" for key in keys)
+    give = "give" if len(keys) > 1 else "gives"
+    return [f"{sizes} {give} a model of {count:.3g} parameters; at most {MAX_PARAMETERS:,} can be trained "
+            "(4 bytes for each weight, its gradient and the optimizer's state of it)"]
+
+
+def dropout_problems(config):
+    return [] if 0 <= config["dropout"] < 1 else [f"--dropout must be in [0, 1), not {config['dropout']}"]

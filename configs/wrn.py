@@ -2,8 +2,9 @@
 and their CIFAR recipe."""
 from pathlib import Path
 
-from configs.resnet import dropout_problems, model_problems, n_outputs, size_problems
-from configs.training import TRAINING_ROOT, training_problems
+from configs.training import (
+    TRAINING_ROOT, dropout_problems, model_problems, n_outputs, size_problems, training_problems,
+)
 from src.config import ConfigRegistry, register_family
 from src.resnets import wrn_parameters
 
