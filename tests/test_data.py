@@ -18,19 +18,11 @@ from src.data import (
     load_cifar,
     split_train_valid,
 )
+from conftest import one_line_error as assert_one_line_error
 from src.errors import RunError
 
 N_TRAIN, N_TEST = 50, 10  # CIFAR-10: 5 training batches of 10 images, one test batch of 10
 CIFAR10 = DATASETS["cifar10"]
-
-
-def assert_one_line_error(excinfo, *needles):
-    """A RunError whose message is one line and contains each of `needles` (typically a path)."""
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message, f"multi-line error: {message!r}"
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not named in {message!r}"
-    return message
 
 
 def assert_loaded_equal(a, b):
