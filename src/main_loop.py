@@ -40,7 +40,7 @@ from src.hardware import choose_device, choose_precision
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
-from src.optim import build_optimizer, learning_rate
+from src.optim import build_optimizer, learning_rate, parameter_groups, set_learning_rate
 from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
 from src.signals import StopRequests
@@ -201,10 +201,12 @@ def build_training_model(config, build_model, stream, device, precision):
         standardize = find_standardize(model)
         standardize.set_statistics(stream.mean, stream.std)
         standardize.channels_last = channels_last
+        if hasattr(model, "init_from_data"):  # e.g. src/fast.py's whitening: training images only, deterministic
+            model.init_from_data(stream.images)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise RunError(f"the model does not fit in memory ({str(e).splitlines()[0][:150]}); make it smaller") from None
-    return model, build_optimizer(config, model.parameters())
+    return model, build_optimizer(config, parameter_groups(model, config))
 
 
 def data_parallel(model, device, ranks):
@@ -301,8 +303,7 @@ class MainLoop:
         ranks = () if self.ranks.world_size == 1 else (self.ranks.rank,)  # each rank its own dropout masks
         torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration, *ranks))
         lr = learning_rate(self.config, iteration, self.total_iterations, len(self.stream))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr, iteration, len(self.stream))  # each group's share of it
 
     def report_start_up(self, engine):
         seconds = seconds_since_process_start()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from src.data import n_classes
+from src.fast import build_fast
 from src.resnets import build_preact_resnet, build_resnet, build_wrn
 from src.vgg import build_vgg
 
@@ -80,7 +81,7 @@ def build_simple_cnn(config):
 # Model families by name: the `model` key of a config. Add one with a builder `(config) -> nn.Module`
 # (taking uint8 images, with one Standardize brick) and a line here; its configs go in configs/<name>.py.
 MODELS = {"simple_cnn": build_simple_cnn, "resnet": build_resnet, "wrn": build_wrn,
-          "preact_resnet": build_preact_resnet, "vgg": build_vgg}
+          "preact_resnet": build_preact_resnet, "vgg": build_vgg, "fast": build_fast}
 
 
 def build_model(config):

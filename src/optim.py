@@ -9,6 +9,9 @@ iteration, so a schedule has no state to checkpoint and resumes exactly.
 
 A warmup (`warmup` > 0) goes in front of any schedule: the schedule keeps its own timeline over the
 whole of training, and the warmup replaces its first `warmup` epochs or iterations.
+
+A model may split its parameters into groups (`parameter_groups`): a group's `lr_scale` multiplies the
+schedule's lr, and its `until_epoch` freezes it once that many epochs are done (src/fast.py uses both).
 """
 import math
 from typing import NamedTuple
@@ -41,6 +44,28 @@ def build_optimizer(config, params):
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer '{name}'; use one of {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name](config, params)
+
+
+def parameter_groups(model, config):
+    """What the optimizer is given: the model's own groups where it has them (`model.parameter_groups(config)`,
+    a list of torch param-group dicts; see `set_learning_rate` for the keys read here), else its parameters."""
+    if hasattr(model, "parameter_groups"):
+        return model.parameter_groups(config)
+    return model.parameters()
+
+
+def set_learning_rate(optimizer, lr, iteration, batches_per_epoch):
+    """Every group's lr for the 1-based `iteration`: the schedule's `lr` times the group's `lr_scale` (1 if
+    absent), or 0 once the group's `until_epoch` epochs are done (a frozen group: SGD and AdamW then leave its
+    weights exactly as they are). A pure function of the iteration, like the schedule: exact on resume."""
+    for group in optimizer.param_groups:
+        until = group.get("until_epoch")
+        if until is not None and iteration - 1 >= until * batches_per_epoch:
+            group["lr"] = 0.0
+        elif "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]
+        else:  # every group of every family before groups existed: the same float as before
+            group["lr"] = lr
 
 
 class Clock(NamedTuple):
@@ -81,7 +106,21 @@ def multistep(config, clock):
     return config["lr"] * config["lr_decay"] ** passed
 
 
-SCHEDULES = {"constant": constant, "cosine": cosine, "linear": linear, "multistep": multistep}
+# The triangle's shape keys, and airbench94's values of them (what the schedule uses in a family whose
+# config has no such keys: only configs/fast.py defines them).
+TRIANGLE = {"lr_peak": 0.23, "lr_start": 0.2, "lr_end": 0.07}
+
+
+def triangle(config, clock):
+    """airbench94's: a straight line from `lr_start` * lr up to lr at the fraction `lr_peak` of training, then a
+    straight line down to `lr_end` * lr at its end."""
+    peak, start, end = (config.get(key, default) for key, default in TRIANGLE.items())
+    if clock.done < peak:
+        return config["lr"] * (start + (1 - start) * clock.done / peak)
+    return config["lr"] * (1 + (end - 1) * (clock.done - peak) / (1 - peak))
+
+
+SCHEDULES = {"constant": constant, "cosine": cosine, "linear": linear, "multistep": multistep, "triangle": triangle}
 
 
 def learning_rate(config, iteration, total_iterations, batches_per_epoch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from src.errors import UsageError
-from src.optim import OPTIMIZERS, SCHEDULES, build_optimizer, learning_rate
+from src.optim import OPTIMIZERS, SCHEDULES, build_optimizer, learning_rate, parameter_groups, set_learning_rate
 
 CONFIG = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "adam_beta2": 0.999, "optimizer": "sgd",
           "lr_schedule": "cosine", "lr_milestones": [], "lr_decay": 0.1, "warmup": 0, "warmup_shape": "linear",
@@ -77,9 +77,9 @@ def test_schedules_start_at_lr_and_fall_towards_zero():
 
 
 def test_unknown_schedule_is_a_usage_error():
-    with pytest.raises(UsageError, match="constant, cosine, linear, multistep"):
+    with pytest.raises(UsageError, match="constant, cosine, linear, multistep, triangle"):
         learning_rate({**CONFIG, "lr_schedule": "step"}, 1, 10, BATCHES)
-    assert sorted(SCHEDULES) == ["constant", "cosine", "linear", "multistep"]
+    assert sorted(SCHEDULES) == ["constant", "cosine", "linear", "multistep", "triangle"]
 
 
 # ------------------------------------------------------------------ multistep and warmup, in both units
@@ -135,3 +135,60 @@ def test_warmup_longer_than_training_stays_between_its_ends():
     values = [lr_at(i, total=50, warmup=100, schedule_unit="iterations", warmup_lr=0.02, lr_schedule="linear")
               for i in range(1, 51)]
     assert values[0] == 0.02 and all(v > 0 for v in values) and values == sorted(values, reverse=True)
+
+
+# ------------------------------------------------------------------ the triangle (airbench94's) and parameter groups
+
+
+def airbench94_lr(step, total, lr):
+    """airbench94's get_lr (legacy/airbench94.py) times its lr, written out: `step` 0-based, as LambdaLR counts."""
+    warmup_steps = int(total * 0.23)
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return lr * (0.2 * (1 - frac) + 1.0 * frac)
+    frac = (step - warmup_steps) / (total - warmup_steps)
+    return lr * (1.0 * (1 - frac) + 0.07 * frac)
+
+
+def test_triangle_is_airbench94s_schedule():
+    """Where the peak falls on an iteration (23% of 100) it is airbench's, iteration for iteration; elsewhere
+    the peak sits at 23% of training exactly, where airbench rounds it down to an iteration."""
+    config = {**CONFIG, "lr_schedule": "triangle", "lr": 1.5}
+    for iteration in range(1, 101):
+        assert learning_rate(config, iteration, 100, BATCHES) == pytest.approx(airbench94_lr(iteration - 1, 100, 1.5))
+    values = [learning_rate(config, i, 430, BATCHES) for i in range(1, 431)]
+    assert values[0] == pytest.approx(0.3) and max(values) <= 1.5
+    assert values[-1] == pytest.approx(airbench94_lr(429, 430, 1.5), rel=1e-3)  # 0.109: 1.5 * 0.07 a step later
+    peak = values.index(max(values))
+    assert peak in (98, 99) and values[:peak] == sorted(values[:peak]) and values[peak:] == sorted(values[peak:])[::-1]
+
+
+def test_triangle_takes_its_shape_from_the_config():
+    keys = {"lr_schedule": "triangle", "lr_peak": 0.5, "lr_start": 0.0, "lr_end": 0.5}
+    assert [lr_at(i, total=4, **keys) for i in (1, 2, 3, 4)] == pytest.approx([0.0, 0.05, 0.1, 0.075])
+    assert lr_at(1, total=4, lr_schedule="triangle") == pytest.approx(0.1 * 0.2)  # a family without the keys
+
+
+def test_parameter_groups_come_from_the_model_when_it_has_them():
+    plain = torch.nn.Linear(3, 2)
+    assert list(parameter_groups(plain, CONFIG)) == list(plain.parameters())
+
+    class Grouped(torch.nn.Linear):
+        def parameter_groups(self, config):
+            return [{"params": [self.weight]}, {"params": [self.bias], "lr_scale": 2.0, "until_epoch": 1}]
+
+    optimizer = build_optimizer(CONFIG, parameter_groups(Grouped(3, 2), CONFIG))
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
+
+
+def test_set_learning_rate_scales_and_freezes_groups_by_the_iteration_alone():
+    w, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    optimizer = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr_scale": 64.0},
+                                 {"params": [c], "until_epoch": 2}], lr=1.0)
+    lr = 0.1 * (1 + math.cos(1.0))  # any float: a group without keys gets exactly it, as before groups existed
+    set_learning_rate(optimizer, lr, iteration=20, batches_per_epoch=BATCHES)  # the last of epoch 2
+    assert [g["lr"] for g in optimizer.param_groups] == [lr, lr * 64.0, lr]
+    set_learning_rate(optimizer, lr, iteration=21, batches_per_epoch=BATCHES)
+    assert [g["lr"] for g in optimizer.param_groups] == [lr, lr * 64.0, 0.0]
+    set_learning_rate(optimizer, lr, iteration=20, batches_per_epoch=BATCHES)  # a resume sets it back as it was
+    assert optimizer.param_groups[2]["lr"] == lr

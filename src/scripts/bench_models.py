@@ -19,12 +19,14 @@ if __name__ == "__main__":
     exit_at_once_on("SIGINT")
 
 from src.cli import dispatch, exit_codes  # noqa: E402
+from src.errors import UsageError  # noqa: E402
 
 RESULT_FILE = "scratch/bench_models.json"
 # (family, named config, batch for the speed): the big models' batches are smaller so a step stays seconds here.
 CONFIGS = [("simple_cnn", "cifar10", 128), ("resnet", "resnet20", 128), ("resnet", "resnet56", 128),
            ("resnet", "resnet110", 64), ("wrn", "wrn_16_4", 64), ("wrn", "wrn_28_10", 16),
-           ("preact_resnet", "preact_resnet18", 32), ("vgg", "vgg11_bn", 64), ("vgg", "vgg16_bn", 64)]
+           ("preact_resnet", "preact_resnet18", 32), ("vgg", "vgg11_bn", 64), ("vgg", "vgg16_bn", 64),
+           ("fast", "fast", 256)]  # the fast recipe's batch is 1024: on a GPU, time it with --batch 1024
 
 
 def macs_per_image(model):
@@ -48,7 +50,10 @@ def measure(config, batch, steps, device, precision):
     from src.main_loop import build_training_model, train_step
     from src.models import build_model
 
-    stream = types.SimpleNamespace(mean=torch.full((1, 3, 1, 1), 120.0), std=torch.full((1, 3, 1, 1), 60.0))
+    # Random training images, for a model whose initialisation reads them (src/fast.py's whitening).
+    images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    stream = types.SimpleNamespace(mean=torch.full((1, 3, 1, 1), 120.0), std=torch.full((1, 3, 1, 1), 60.0),
+                                   images=images)
     model, optimizer = build_training_model(config, build_model, stream, device, precision)
     parameters = sum(p.numel() for p in model.parameters())
     macs = macs_per_image(model)
@@ -73,8 +78,9 @@ def synchronize(device):
 
 
 @exit_codes
-def main(*, steps=3, out=RESULT_FILE, only=None):
-    """Parameters, MACs per image and training images/s of each reference config's model."""
+def main(*, steps=3, out=RESULT_FILE, only=None, batch=0):
+    """Parameters, MACs per image and training images/s of each reference config's model (--batch: one batch
+    size for every model instead of each its own; 0 = each its own)."""
     import json
 
     import torch
@@ -82,19 +88,22 @@ def main(*, steps=3, out=RESULT_FILE, only=None):
     from src.config import family
     from src.hardware import choose_device, choose_precision
 
+    if batch < 0:
+        raise UsageError(f"--batch must be 0 (each model its own) or positive, not {batch}")
     device = choose_device("auto")
     precision = choose_precision("auto", device)
     chosen = set(only.split(",")) if only else None
     rows = []
     print(f"{'config':18}{'parameters':>14}{'MACs/image':>14}{'images/s':>10}{'epoch (45k), s':>16}   batch")
-    for model_family, name, batch in CONFIGS:
+    for model_family, name, own_batch in CONFIGS:
         if chosen is not None and name not in chosen:
             continue
-        config = family(model_family).get(name)
-        parameters, macs, rate = measure(config, batch, steps, device, precision)
+        config, batch_size = family(model_family).get(name), batch or own_batch
+        parameters, macs, rate = measure(config, batch_size, steps, device, precision)
         rows.append({"config": name, "parameters": parameters, "macs": macs, "images_per_second": rate,
-                     "batch": batch, "epoch_seconds_45k": 45000 / rate})
-        print(f"{name:18}{parameters:14,}{macs / 1e6:13.1f}M{rate:10.1f}{45000 / rate:16.0f}   {batch}", flush=True)
+                     "batch": batch_size, "epoch_seconds_45k": 45000 / rate})
+        print(f"{name:18}{parameters:14,}{macs / 1e6:13.1f}M{rate:10.1f}{45000 / rate:16.0f}   {batch_size}",
+              flush=True)
     environment = {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "steps": steps}
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,60 @@
+"""Named configs for `src/scripts/train_fast.py`: the fast family (src/fast.py), after KellerJordan's
+airbench94, the public CIFAR-10 speed record, and its recipe."""
+from pathlib import Path
+
+from configs.training import TRAINING_ROOT, model_problems, n_outputs, size_problems, training_problems
+from src.config import ConfigRegistry, register_family
+from src.fast import fast_parameters
+from src.optim import TRIANGLE
+
+RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_fast.py"
+N_GROUPS = 3  # 31x31 after the whitening, halved three times to 3x3, then one 3x3 max-pool: 1x1
+
+
+def validate(config):
+    """The shared keys' problems, then this family's; a list of lines."""
+    problems = training_problems(config) + model_problems(config, "fast")
+    widths = config["widths"]
+    if not (len(widths) == N_GROUPS and all(type(w) is int and w >= 1 for w in widths)):
+        problems.append(f"--widths must be {N_GROUPS} positive integers (each group's channels; airbench's "
+                        f"[64,256,256]), not {widths}")
+    elif n_outputs(config):
+        problems += size_problems(config, fast_parameters(widths, n_outputs(config)), ["widths"])
+    checks = [("bn_momentum", 0 <= config["bn_momentum"] <= 1, "be in [0, 1]"),
+              ("whiten_images", config["whiten_images"] >= 1, "be at least 1"),
+              ("whiten_bias_epochs", config["whiten_bias_epochs"] >= 0, "not be negative"),
+              ("bias_lr_scale", config["bias_lr_scale"] > 0, "be positive"),
+              ("logit_scale", config["logit_scale"] > 0, "be positive"),
+              ("lr_peak", 0 <= config["lr_peak"] < 1, "be in [0, 1) (a fraction of training)"),
+              ("lr_start", config["lr_start"] >= 0, "not be negative"),
+              ("lr_end", config["lr_end"] >= 0, "not be negative")]
+    problems += [f"--{key} must {must}, not {config[key]}" for key, ok, must in checks if not ok]  # nan fails too
+    return problems
+
+
+fast_configs = register_family(ConfigRegistry("fast", validate, RUNNER))
+fast_configs.set_root(
+    {
+        "model": "fast",  # the family (src.models.MODELS); fixed for this runner
+        "widths": [64, 256, 256],  # the three conv groups' channels
+        "bn_momentum": 0.4,  # batch norm's running statistics, PyTorch's sense (airbench's 0.6 is 1 minus this)
+        "logit_scale": 1 / 9,  # the logits are multiplied by it
+        "whiten_images": 5000,  # training images the whitening filters are computed from
+        "whiten_bias_epochs": 3,  # epochs the whitening layer's bias trains before it is frozen
+        "bias_lr_scale": 64.0,  # batch-norm biases: lr times this, weight decay divided by it
+        **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
+        **TRAINING_ROOT,
+    }
+)
+
+# airbench94's hyperparameters, converted. It sums the loss over the batch and writes lr and weight decay
+# "per 1024 examples", decoupled from the momentum: lr 11.5 / (1024 (1 + 1 / (1 - 0.85))), weight decay
+# 0.0153 * 1024 / (1024 (1 + 1 / (1 - 0.85))) / lr per summed-loss gradient. Our loss is the batch's mean (the
+# gradient 1/1024 of the sum's), so the same steps are lr 11.5 * 0.15 / 1.15 = 1.5 and weight decay
+# 0.0153 / 11.5: lr * (mean gradient + wd * w) is then airbench's step exactly.
+AIRBENCH_RECIPE = dict(dataset="cifar10", optimizer="nesterov", lr=1.5, momentum=0.85, weight_decay=0.0153 / 11.5,
+                       batch_size=1024, label_smoothing=0.2, lr_schedule="triangle", n_epochs=10, augment=True)
+# The baseline to start from: the recipe with the usual 5,000 validation images held out.
+fast_configs.derive("fast", **AIRBENCH_RECIPE, valid_size=5000)
+# The record's setting: all 50,000 training images (no validation; the test accuracy is evaluate.py's).
+fast_configs.derive("airbench94", **AIRBENCH_RECIPE, valid_size=0)
