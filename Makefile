@@ -10,9 +10,10 @@ RESNETS := resnet20 resnet32 resnet44 resnet56 resnet110
 WRNS := wrn_16_4 wrn_16_4_cifar100 wrn_28_10 wrn_28_10_cifar100
 PREACT_RESNETS := preact_resnet18
 VGGS := vgg11_bn vgg16_bn
+FASTS := fast airbench94
 
 .PHONY: install test test-fast lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
-	sweep_lr_width_local sweep_lr_width_slurm $(RESNETS) $(WRNS) $(PREACT_RESNETS) $(VGGS) sweep_resnets
+	sweep_lr_width_local sweep_lr_width_slurm $(RESNETS) $(WRNS) $(PREACT_RESNETS) $(VGGS) $(FASTS) sweep_resnets
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,10 @@ $(PREACT_RESNETS):
 
 $(VGGS):
 	$(ENV) $(PY) src/scripts/train_vgg.py $@ $${RESULTS_DIR:-results}/$@
+
+# The speed-record recipe (README "A speed-record recipe"); its test accuracy: evaluate.py SAVE_PATH --tta=flip.
+$(FASTS):
+	$(ENV) $(PY) src/scripts/train_fast.py $@ $${RESULTS_DIR:-results}/$@
 
 # He et al.'s Table 6 rows ResNet-20/32/44/56 x 3 seeds, from the resnet20 recipe; rerun to resume. On a
 # cluster: make sweep_resnets SWEEP_BACKEND="--backend=slurm --partition=gpu --time=240 --gpus=1 --cpus=8"
