@@ -29,7 +29,7 @@ from src.resnets import standardize
 
 PATCH = 2  # the whitening's patch side
 WHITEN_EPS = 5e-4  # added to the eigenvalues: keeps the near-zero directions from being blown up
-CHUNK = 500  # images per step of the patch statistics: 500 x 961 patches x 12 floats = 23 MB at a time
+CHUNK = 500  # images per step of the patch statistics: 500 x 961 patches x 12 doubles = 46 MB at a time
 
 
 class Whitening(nn.Conv2d):
@@ -54,15 +54,16 @@ class Whitening(nn.Conv2d):
 
 def patch_moments(images, patch):
     """The mean of p p^T over every `patch` x `patch` patch p of `images` (flattened channel-major, as a
-    convolution's filter is): a float64 (d, d) matrix on the CPU, d = C * patch^2. Summed in float32 a chunk
-    at a time on the images' device, the chunks in float64."""
+    convolution's filter is): a float64 (d, d) matrix on the CPU, d = C * patch^2. In float64 on the images'
+    device, a chunk at a time, so that no TF32 or reduced-precision setting touches it (0.35 s for 5,000
+    images on 2 busy CPU cores, 0.15 s in float32; on a GPU, milliseconds)."""
     d = images.shape[1] * patch**2
     total = torch.zeros(d, d, dtype=torch.float64)
     count = 0
     for start in range(0, len(images), CHUNK):
-        patches = nn.functional.unfold(images[start:start + CHUNK].float(), patch)  # (n, d, positions)
+        patches = nn.functional.unfold(images[start:start + CHUNK].double(), patch)  # (n, d, positions)
         patches = patches.transpose(1, 2).reshape(-1, d)
-        total += (patches.T @ patches).double().cpu()
+        total += (patches.T @ patches).cpu()
         count += len(patches)
     return total / count
 
@@ -127,7 +128,7 @@ class FastNet(nn.Sequential):
         images are the run's training split in index order, itself a function of the seed."""
         x = images[:self.whiten_images]
         mean, std = self.inputs.mean.to(x.device), self.inputs.std.to(x.device)
-        self.whiten.set_from((x.float() - mean) / std)
+        self.whiten.set_from((x.float() - mean) / std)  # float32, as the model standardises them
 
     def parameter_groups(self, config):
         """airbench's optimizer groups (src.optim.set_learning_rate reads `lr_scale` and `until_epoch`):
