@@ -27,7 +27,9 @@ def validate(config):
               ("logit_scale", config["logit_scale"] > 0, "be positive"),
               ("lr_peak", 0 <= config["lr_peak"] < 1, "be in [0, 1) (a fraction of training)"),
               ("lr_start", config["lr_start"] >= 0, "not be negative"),
-              ("lr_end", config["lr_end"] >= 0, "not be negative")]
+              ("lr_end", config["lr_end"] >= 0, "not be negative"),
+              ("lookahead_every", config["lookahead_every"] >= 0, "not be negative (0 turns Lookahead off)"),
+              ("lookahead_decay", 0 <= config["lookahead_decay"] <= 1, "be in [0, 1]")]
     problems += [f"--{key} must {must}, not {config[key]}" for key, ok, must in checks if not ok]  # nan fails too
     return problems
 
@@ -43,6 +45,8 @@ fast_configs.set_root(
         "whiten_bias_epochs": 3,  # epochs the whitening layer's bias trains before it is frozen
         "bias_lr_scale": 64.0,  # batch-norm biases: lr times this, weight decay divided by it
         **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
+        "lookahead_every": 0,  # Lookahead (src.optim): steps between pulls towards the slow weights; 0 = off
+        "lookahead_decay": 0.95,  # per step: a pull at iteration t of T keeps decay**every * (t / T)**3 of the slow
         **TRAINING_ROOT,
     }
 )
@@ -53,7 +57,8 @@ fast_configs.set_root(
 # gradient 1/1024 of the sum's), so the same steps are lr 11.5 * 0.15 / 1.15 = 1.5 and weight decay
 # 0.0153 / 11.5: lr * (mean gradient + wd * w) is then airbench's step exactly.
 AIRBENCH_RECIPE = dict(dataset="cifar10", optimizer="nesterov", lr=1.5, momentum=0.85, weight_decay=0.0153 / 11.5,
-                       batch_size=1024, label_smoothing=0.2, lr_schedule="triangle", n_epochs=10, augment=True)
+                       batch_size=1024, label_smoothing=0.2, lr_schedule="triangle", n_epochs=10, augment=True,
+                       lookahead_every=5, lookahead_decay=0.95)
 # The baseline to start from: the recipe with the usual 5,000 validation images held out.
 fast_configs.derive("fast", **AIRBENCH_RECIPE, valid_size=5000)
 # The record's setting: all 50,000 training images (no validation; the test accuracy is evaluate.py's).

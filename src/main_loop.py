@@ -40,7 +40,7 @@ from src.hardware import choose_device, choose_precision
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
-from src.optim import build_optimizer, learning_rate, parameter_groups, set_learning_rate
+from src.optim import Clock, build_optimizer, learning_rate, parameter_groups, set_learning_rate
 from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
 from src.signals import StopRequests
@@ -303,7 +303,7 @@ class MainLoop:
         ranks = () if self.ranks.world_size == 1 else (self.ranks.rank,)  # each rank its own dropout masks
         torch.manual_seed(derive_seed(self.config["seed"], SEED_MODEL, iteration, *ranks))
         lr = learning_rate(self.config, iteration, self.total_iterations, len(self.stream))
-        set_learning_rate(self.optimizer, lr, iteration, len(self.stream))  # each group's share of it
+        set_learning_rate(self.optimizer, lr, Clock(iteration, self.total_iterations, len(self.stream)))
 
     def report_start_up(self, engine):
         seconds = seconds_since_process_start()

@@ -12,6 +12,7 @@ whole of training, and the warmup replaces its first `warmup` epochs or iteratio
 
 A model may split its parameters into groups (`parameter_groups`): a group's `lr_scale` multiplies the
 schedule's lr, and its `until_epoch` freezes it once that many epochs are done (src/fast.py uses both).
+With `lookahead_every` > 0 (a key of the fast family) the optimizer also gets airbench94's Lookahead.
 """
 import math
 from typing import NamedTuple
@@ -40,10 +41,57 @@ OPTIMIZERS = {"sgd": build_sgd, "nesterov": build_nesterov, "adamw": build_adamw
 
 
 def build_optimizer(config, params):
+    """The optimizer `config["optimizer"]` names, with Lookahead when the config has `lookahead_every` > 0
+    (only src/fast.py's family has the key)."""
     name = config["optimizer"]
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer '{name}'; use one of {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](config, params)
+    optimizer = OPTIMIZERS[name](config, params)
+    if config.get("lookahead_every", 0) > 0:
+        optimizer.lookahead = Lookahead(optimizer, config["lookahead_every"], config["lookahead_decay"])
+    return optimizer
+
+
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) as airbench94 schedules it: after every `every`-th step the slow weights
+    move towards the optimizer's, slow <- slow + (1 - d) (weights - slow), with d = decay**every * (t / T)**3
+    at iteration t of T (nothing early in training, most at its end), and the weights are set to them; after
+    the last step of training the weights become the slow ones.
+
+    Attached to `optimizer` as a step hook, so the optimizer stays itself (its type, its `param_groups`); the
+    slow weights live in its per-parameter state ("lookahead_slow"), so its state_dict, and with it every
+    checkpoint, holds them. `clock` (src.optim.Clock) is set before each step by `set_learning_rate`; without
+    one (a bare step, as bench_models.py takes) the hook does nothing. Batch norm's running statistics are
+    buffers, not the optimizer's: unlike airbench, they are not averaged.
+    """
+
+    def __init__(self, optimizer, every, decay):
+        self.optimizer, self.every, self.decay = optimizer, every, decay
+        self.clock = None
+        with torch.no_grad():  # the slow weights start as the initial ones, as airbench's
+            for p in self.trained():
+                optimizer.state[p]["lookahead_slow"] = p.detach().clone()
+        optimizer.register_step_post_hook(self.after_step)
+
+    def trained(self):
+        """The weights that can change (frozen ones never move: no slow copy for them)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def after_step(self, optimizer, args, kwargs):
+        clock = self.clock
+        if clock is None:
+            return
+        if clock.iteration % self.every == 0:
+            self.pull(self.decay**self.every * (clock.iteration / clock.total_iterations) ** 3)
+        if clock.iteration == clock.total_iterations:
+            self.pull(1.0)  # the result of training is the slow weights
+
+    def pull(self, decay):
+        for p in self.trained():
+            slow = self.optimizer.state[p]["lookahead_slow"]
+            slow.lerp_(p, 1 - decay)
+            p.copy_(slow)
 
 
 def parameter_groups(model, config):
@@ -54,13 +102,16 @@ def parameter_groups(model, config):
     return model.parameters()
 
 
-def set_learning_rate(optimizer, lr, iteration, batches_per_epoch):
-    """Every group's lr for the 1-based `iteration`: the schedule's `lr` times the group's `lr_scale` (1 if
-    absent), or 0 once the group's `until_epoch` epochs are done (a frozen group: SGD and AdamW then leave its
-    weights exactly as they are). A pure function of the iteration, like the schedule: exact on resume."""
+def set_learning_rate(optimizer, lr, clock):
+    """Every group's lr for the iteration `clock` (a Clock) is about to run: the schedule's `lr` times the
+    group's `lr_scale` (1 if absent), or 0 once the group's `until_epoch` epochs are done (a frozen group: SGD
+    and AdamW then leave its weights exactly as they are); and the clock for the optimizer's Lookahead. A pure
+    function of the iteration, like the schedule: exact on resume."""
+    if getattr(optimizer, "lookahead", None) is not None:
+        optimizer.lookahead.clock = clock
     for group in optimizer.param_groups:
         until = group.get("until_epoch")
-        if until is not None and iteration - 1 >= until * batches_per_epoch:
+        if until is not None and clock.iteration - 1 >= until * clock.batches_per_epoch:
             group["lr"] = 0.0
         elif "lr_scale" in group:
             group["lr"] = lr * group["lr_scale"]

@@ -16,7 +16,7 @@ from src.checkpoint import list_checkpoints, load_tensors
 from src.config import apply_overrides, family
 from src.fast import WHITEN_EPS, FastNet, Whitening, fast_parameters
 from src.models import build_model, find_standardize
-from src.optim import build_optimizer, parameter_groups, set_learning_rate
+from src.optim import Clock, build_optimizer, parameter_groups, set_learning_rate
 
 # airbench94's make_net() (legacy/airbench94.py; airbench94_muon.py builds the same layers), built on a CPU
 # and counted: sum(p.numel() for p in net.parameters()) and those with requires_grad after its freezing.
@@ -118,9 +118,9 @@ def test_optimizer_groups_scale_batch_norm_biases_and_freeze_the_whitening_bias_
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == n_parameters(model)
     assert biases["weight_decay"] * biases["lr"] == pytest.approx(rest["weight_decay"] * rest["lr"])  # same decay
     batches = 5
-    set_learning_rate(optimizer, 0.5, iteration=3 * batches, batches_per_epoch=batches)  # the last of epoch 3
+    set_learning_rate(optimizer, 0.5, Clock(3 * batches, 100, batches))  # the last iteration of epoch 3
     assert (rest["lr"], biases["lr"], whiten["lr"]) == (0.5, 0.5 * 64, 0.5)
-    set_learning_rate(optimizer, 0.5, iteration=3 * batches + 1, batches_per_epoch=batches)
+    set_learning_rate(optimizer, 0.5, Clock(3 * batches + 1, 100, batches))  # no Lookahead pull at 16
     assert (rest["lr"], biases["lr"], whiten["lr"]) == (0.5, 0.5 * 64, 0.0)
     before = model.whiten.bias.clone()
     for _ in range(2):  # momentum left over from the epochs it trained does not move it either
@@ -153,6 +153,7 @@ def test_the_recipe_steps_are_airbench94s():
         weights.append(w.detach())
     torch.testing.assert_close(*weights)
     assert fast("airbench94")["valid_size"] == 0 and fast()["valid_size"] == 5000
+    assert (config["lookahead_every"], config["lookahead_decay"]) == (5, 0.95)
 
 
 def test_named_configs_are_valid():
@@ -175,6 +176,8 @@ def test_named_configs_are_valid():
     ({"logit_scale": "-1"}, "--logit_scale must be positive"),
     ({"lr_peak": "1"}, "--lr_peak must be in [0, 1)"),
     ({"lr_end": "-0.1"}, "--lr_end must not be negative"),
+    ({"lookahead_every": "-5"}, "--lookahead_every must not be negative"),
+    ({"lookahead_decay": "1.5"}, "--lookahead_decay must be in [0, 1]"),
     ({"model": "vgg"}, "--model is the family of this runner's configs, fast"),
 ])
 def test_bad_values_are_refused_in_one_line(overrides, says):
@@ -229,8 +232,9 @@ def test_the_whitening_comes_from_the_training_split_and_its_bias_stops_after_it
     from src.data import channel_mean_std, load_cifar, split_train_valid
 
     run = tmp_path / "run"
+    # Lookahead off: its pulls would move the frozen bias towards its slow copy, as airbench's do.
     train_fast(run, "--batch_size=50", "--valid_size=100", "--n_epochs=2", "--whiten_bias_epochs=1",
-               "--whiten_images=300")
+               "--whiten_images=300", "--lookahead_every=0")
     (x, _), _ = load_cifar("cifar10", data_dir)
     train, _ = split_train_valid(len(x), 100, -1, seed=1)
     images = torch.from_numpy(x[np.sort(train)])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from src.errors import UsageError
-from src.optim import OPTIMIZERS, SCHEDULES, build_optimizer, learning_rate, parameter_groups, set_learning_rate
+from src.optim import (OPTIMIZERS, SCHEDULES, Clock, build_optimizer, learning_rate, parameter_groups,
+                       set_learning_rate)
 
 CONFIG = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "adam_beta2": 0.999, "optimizer": "sgd",
           "lr_schedule": "cosine", "lr_milestones": [], "lr_decay": 0.1, "warmup": 0, "warmup_shape": "linear",
@@ -186,9 +187,59 @@ def test_set_learning_rate_scales_and_freezes_groups_by_the_iteration_alone():
     optimizer = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr_scale": 64.0},
                                  {"params": [c], "until_epoch": 2}], lr=1.0)
     lr = 0.1 * (1 + math.cos(1.0))  # any float: a group without keys gets exactly it, as before groups existed
-    set_learning_rate(optimizer, lr, iteration=20, batches_per_epoch=BATCHES)  # the last of epoch 2
+    set_learning_rate(optimizer, lr, Clock(20, 100, BATCHES))  # the last iteration of epoch 2
     assert [g["lr"] for g in optimizer.param_groups] == [lr, lr * 64.0, lr]
-    set_learning_rate(optimizer, lr, iteration=21, batches_per_epoch=BATCHES)
+    set_learning_rate(optimizer, lr, Clock(21, 100, BATCHES))
     assert [g["lr"] for g in optimizer.param_groups] == [lr, lr * 64.0, 0.0]
-    set_learning_rate(optimizer, lr, iteration=20, batches_per_epoch=BATCHES)  # a resume sets it back as it was
+    set_learning_rate(optimizer, lr, Clock(20, 100, BATCHES))  # a resume sets it back as it was
     assert optimizer.param_groups[2]["lr"] == lr
+
+
+def airbench94_lookahead_run(steps, total, every=5, decay=0.95):
+    """airbench94's loop with its LookaheadState, written out: SGD steps on a fixed quadratic; every `every` steps
+    ema.lerp_(w, 1 - decay**every * (t / total)**3), w = ema; after the last step w = ema (from the start)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.85, nesterov=True)
+    ema = w.detach().clone()
+    for t in range(1, steps + 1):
+        optimizer.zero_grad()
+        ((w - 3) ** 2).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            if t % every == 0:
+                ema.lerp_(w, 1 - decay**every * (t / total) ** 3)
+                w.copy_(ema)
+            if t == total:
+                w.copy_(ema)
+    return w.detach()
+
+
+def test_lookahead_is_airbench94s_and_its_slow_weights_are_in_the_optimizer_state():
+    config = {**CONFIG, "optimizer": "nesterov", "lr": 0.1, "momentum": 0.85, "weight_decay": 0.0,
+              "lookahead_every": 5, "lookahead_decay": 0.95}
+    for steps, total in ((12, 12), (15, 15), (7, 12)):  # ends off and on a pull; stopped mid-way
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(6))
+        optimizer = build_optimizer(config, [w])
+        assert type(optimizer) is torch.optim.SGD
+        for t in range(1, steps + 1):
+            set_learning_rate(optimizer, 0.1, Clock(t, total, 4))
+            optimizer.zero_grad()
+            ((w - 3) ** 2).sum().backward()
+            optimizer.step()
+        torch.testing.assert_close(w.detach(), airbench94_lookahead_run(steps, total), rtol=1e-6, atol=1e-6)
+        slow = optimizer.state_dict()["state"][0]["lookahead_slow"]
+        assert slow.shape == w.shape and "momentum_buffer" in optimizer.state_dict()["state"][0]
+    plain = build_optimizer({**config, "lookahead_every": 0}, [w])
+    assert getattr(plain, "lookahead", None) is None and not plain.state
+
+
+def test_lookahead_leaves_frozen_weights_and_bare_steps_alone():
+    frozen, trained = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
+    optimizer = build_optimizer({**CONFIG, "lookahead_every": 1, "lookahead_decay": 0.5}, [frozen, trained])
+    assert frozen not in optimizer.state and "lookahead_slow" in optimizer.state[trained]
+    trained.grad = torch.ones(2)
+    optimizer.step()  # no clock: a bare step, as bench_models.py times
+    assert torch.equal(optimizer.state[trained]["lookahead_slow"], torch.ones(2))
+    assert torch.allclose(trained.detach(), torch.full((2,), 0.9 - 0.1 * 5e-4))
