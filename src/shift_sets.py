@@ -89,6 +89,7 @@ class Cifar10C:
             if not archive.exists():
                 download.download_archive(CIFAR10C_ARCHIVE, data_dir)
             self.tar = _open_tar(archive)
+            _check_members(self.tar, names)  # before hours of evaluation, not after
         self.labels = _labels(self._read(CIFAR10C_LABELS, images=False), self._where(CIFAR10C_LABELS))
         if len(self.labels) % SEVERITIES or not len(self.labels):
             raise RunError(f"{self._where(CIFAR10C_LABELS)} holds {len(self.labels)} labels, not {SEVERITIES} "
@@ -125,7 +126,7 @@ class Cifar10C:
             raise RunError(f"{self.tar.name} has no {CIFAR10C_FOLDER}/{name}; is it the official "
                            f"{CIFAR10C_ARCHIVE}?") from None
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise RunError(f"cannot read {self._where(name)} ({e})") from None
+            raise RunError(f"cannot read {self._where(name)} ({_short(e)})") from None
         if stream is None:
             raise RunError(f"{self._where(name)} is not a regular file")
         with stream:
@@ -134,9 +135,20 @@ class Cifar10C:
 
 def _open_tar(path):
     try:
-        return tarfile.open(path, "r:*")
+        return tarfile.open(path, "r:")  # as published: uncompressed, so each member is a seek away
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise RunError(f"{path} is not a readable tar archive ({e}); download {CIFAR10C_ARCHIVE} again") from None
+        raise RunError(f"{path} is not a readable tar archive ({_short(e)}); download {CIFAR10C_ARCHIVE} "
+                       "again") from None
+
+
+def _check_members(tar, names):
+    try:
+        present = set(tar.getnames())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise RunError(f"cannot read {tar.name} ({_short(e)}); download {CIFAR10C_ARCHIVE} again") from None
+    missing = [name for name in names if f"{CIFAR10C_FOLDER}/{name}" not in present]
+    if missing:
+        raise RunError(f"{tar.name} has no {CIFAR10C_FOLDER}/{missing[0]}; is it the official {CIFAR10C_ARCHIVE}?")
 
 
 def read_npy_file(path, images):
