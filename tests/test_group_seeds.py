@@ -90,3 +90,22 @@ def test_an_empty_table_and_the_run_table_columns(runs):
     assert list(table.columns[-5:]) == ["epochs", "state", "best_valid_acc", "last_valid_acc", "training_hours"]
     assert {"parameters", "MACs", "best_test_acc", "seed"} <= set(table.columns)
     assert "last_test_acc" not in table.columns  # the run table shows the best model's; load_runs has every one
+
+
+def test_an_old_run_folder_has_no_size_and_a_damaged_eval_file_is_named(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from src.analysis import load_runs
+
+    legacy = Path(__file__).parent / "data" / "run_v1_2c3368b"
+    shutil.copytree(legacy, tmp_path / "old")
+    runs = load_runs(tmp_path)
+    assert runs["parameters"][0] is None and runs["macs_per_image"][0] is None  # started before they were recorded
+    assert "parameters" not in build_table(runs).columns
+    (tmp_path / "old" / "eval_test.json").write_text(json.dumps({"best_test_acc": 0.5, "best_test_top5": "high"}))
+    assert load_runs(tmp_path)["best_test_acc"][0] == 0.5  # numbers only; the rest is not a table's
+    (tmp_path / "old" / "eval_test.json").write_text("{broken")
+    skipped = load_runs(tmp_path).attrs["skipped"]
+    assert skipped[0][0] == "old" and "eval_test.json" in skipped[0][1]
