@@ -256,7 +256,7 @@ def test_report_groups_seeds_sorts_exports_and_plots_bands(seeded, data_dir, tmp
     assert [row.split()[0] for row in rows] == [str(lr) for lr in numbers["lr"]]  # shown in the order exported
     assert markdown.read_text().count("\n") == 4
     assert_real_picture(plot)
-    chosen = run_script(REPORT_SCRIPT, seeded, "--group-seeds", "--runs", "lr=0.2-seed=1,lr=0.2-seed=2",
-                        data_dir=data_dir)
-    assert chosen.returncode == 0 and len(chosen.stdout.splitlines()) == 3  # one group: lr=0.2's two seeds
-    assert chosen.stdout.splitlines()[0].split()[0] == "n" and chosen.stdout.splitlines()[2].split()[0] == "2"
+    chosen = run_script(REPORT_SCRIPT, seeded, "--group-seeds", "--plot", tmp_path / "one.png", "--runs",
+                        "lr=0.2-seed=1,lr=0.2-seed=2", data_dir=data_dir)  # the table: all; the figure: lr=0.2
+    assert chosen.returncode == 0 and len(chosen.stdout.splitlines()) == 2 + 2 + 1  # both groups, and "wrote"
+    assert_real_picture(tmp_path / "one.png")

@@ -28,7 +28,8 @@ def main(results_dir, *, csv=None, markdown=None, sort=None, reverse=False, plot
          group_seeds=False):
     """Print the run table of RESULTS_DIR; --csv/--markdown FILE write it too; --plot FILE overlays the curves
     of the runs (all, or --runs NAME,NAME,...); --sort COLUMN (--reverse for descending); --group-seeds: one
-    row per configuration without its seed, mean ± std over its seeds (and a mean curve with a ±1 std band)."""
+    row per configuration without its seed, mean ± std over its seeds (--plot: per configuration of the
+    runs drawn, the mean curve with a ±1 std band)."""
     from src.analysis import load_runs
 
     folder = Path(results_dir)
@@ -40,13 +41,12 @@ def main(results_dir, *, csv=None, markdown=None, sort=None, reverse=False, plot
     if found.empty:
         print(f"no runs under {folder}")
         return 0
-    if runs:
-        found = chosen_runs(found, runs.split(","), folder)
+    chosen = chosen_runs(found, runs.split(","), folder) if runs else found
     shown, exported = grouped(found, sort, reverse) if group_seeds else ungrouped(found, sort, reverse)
     print(as_text(shown), end="")
     write_outputs(shown, exported, csv, markdown)
     if plot:
-        draw(found, folder, plot, group_seeds)
+        draw(chosen, folder, plot, group_seeds)
         print(f"wrote {plot}")
     return 0
 
