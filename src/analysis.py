@@ -13,7 +13,7 @@ from pathlib import Path
 from src.files import RunFolderLock
 from src.config import MAX_NESTING, check_value, nesting_depth
 from src.errors import RunError, UsageError
-from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, META, STATUS, is_finished
+from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, META, RESUMABLE_CHANGES, STATUS, is_finished
 
 # The columns `load_runs` adds to a run's config keys (and, after them, the numbers evaluate.py saved: TEST_MODELS).
 RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours",
@@ -307,20 +307,24 @@ def load_runs(folder):
 # What `group_seeds` adds beside the config keys; every metric becomes `<metric>_mean` and `<metric>_std`.
 GROUP_COUNTS = ("n", "finished", "evaluated", "seeds", "runs", "parameters", "macs_per_image")
 GROUPED_METRICS = ("best_valid_acc", "last_valid_acc", "training_hours")
+# Keys that decide only when to checkpoint and what to log, not what is computed: seeds differing in them
+# are still one configuration (and the grouped table leaves them out).
+NOT_CONFIGURATION = tuple(key for key in RESUMABLE_CHANGES if key != "n_epochs")
 
 
 def group_seeds(runs):
     """`load_runs`' table with one row per configuration without its seed, in the order of its first run:
-    the config keys, `n` (runs), `finished`, `evaluated` (runs with test results), `seeds`, `runs`, the
-    model's `parameters` and `macs_per_image`, and the mean and standard deviation (n - 1 in the
-    denominator; NaN for a single run) of the best and last validation accuracy, of every number
-    evaluate.py saved, and of the training hours, each over the runs that have it."""
+    the config keys (but those that decide only when to checkpoint and whether to write TensorBoard
+    events), `n` (runs), `finished`, `evaluated` (runs with test results), `seeds`, `runs`, the model's
+    `parameters` and `macs_per_image`, and the mean and standard deviation (n - 1 in the denominator; NaN
+    for a single run) of the best and last validation accuracy, of every number evaluate.py saved, and of
+    the training hours, each over the runs that have it."""
     import pandas as pd
 
     if runs.empty:
         return pd.DataFrame()
     tests = sorted(c for c in runs.columns if is_test_metric(c))
-    keys = [c for c in runs.columns if c not in ("run", "seed", *RUN_METRICS) and c not in tests]
+    keys = [c for c in runs.columns if c not in ("run", "seed", *RUN_METRICS, *NOT_CONFIGURATION) and c not in tests]
     groups = {}
     for position, values in enumerate(runs[keys].itertuples(index=False)):
         groups.setdefault(tuple(json.dumps(_plain(v), sort_keys=True) for v in values), []).append(position)

@@ -47,6 +47,15 @@ def test_one_row_per_configuration_without_its_seed(runs):
     assert list(grouped["parameters"]) == [620586, 620586] and grouped["lr_milestones"][0] == [10, 20]
 
 
+def test_keys_that_change_nothing_computed_do_not_split_a_group(runs):
+    runs["tensorboard"] = [True, False, True, True, True]
+    runs["checkpoint_every_seconds"] = [300.0, 0.0, 300.0, 300.0, 300.0]
+    grouped = group_seeds(runs)
+    assert list(grouped["n"]) == [3, 2] and "tensorboard" not in grouped.columns
+    runs["n_epochs"] = [30, 60, 30, 30, 30]  # trained longer: another configuration
+    assert list(group_seeds(runs)["n"]) == [2, 1, 2]
+
+
 def test_lists_in_configs_and_keys_a_run_lacks_group_by_value(runs):
     runs.loc[len(runs)] = run_row("other", 0.1, 4, 0.5, 0.5, milestones=(5,))
     runs["label_smoothing"] = [0.0] * (len(runs) - 1) + [math.nan]  # a key one run's config lacks
