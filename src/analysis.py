@@ -13,10 +13,17 @@ from pathlib import Path
 from src.files import RunFolderLock
 from src.config import MAX_NESTING, check_value, nesting_depth
 from src.errors import RunError, UsageError
-from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, STATUS, is_finished
+from src.run_folder import BEST_MODEL, CHECKPOINTS, CONFIG, LOG, META, RESUMABLE_CHANGES, STATUS, is_finished
 
-# The columns `load_runs` adds to a run's config keys.
-RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours")
+# The columns `load_runs` adds to a run's config keys (and, after them, the numbers evaluate.py saved: TEST_MODELS).
+RUN_METRICS = ("state", "epochs_done", "best_valid_acc", "last_valid_acc", "last_train_loss", "training_hours",
+               "parameters", "macs_per_image")
+# evaluate.py's files (eval_<set>.json) name each number by the model it measured: `best_test_acc`,
+# `last_cifar10.1_ece`, `ema_test_acc_flip`, ...; these are the run table's columns of test results.
+TEST_MODELS = ("last", "best", "ema")
+TEST_SETS = ("test", "cifar10.1", "cifar10c")  # evaluate.py --test_set
+EVAL_FILES = "eval_*.json"
+TEST_PREFIXES = tuple(f"{model}_{test_set}_" for model in TEST_MODELS for test_set in TEST_SETS)
 # Columns of log.jsonl that hold numbers (or null); anything else there means the file is not a log.
 LOG_NUMBERS = ("epoch", "iteration", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "epoch_seconds",
                "images_per_second", "finished_at", "ema_valid_loss", "ema_valid_acc")
@@ -239,9 +246,40 @@ def summarize_run(path):
         "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else None,
         # Python's sum: absurd logged times add up to inf quietly, where numpy's would warn of an overflow
         "training_hours": sum(log["epoch_seconds"].dropna().tolist(), 0.0) / 3600 if len(log) else 0.0,
+        **read_model_size(path),
     }
     assert tuple(metrics) == RUN_METRICS
-    return config, metrics
+    return config, {**metrics, **read_test_results(path)}
+
+
+def read_model_size(path):
+    """Parameters and MACs per image as the run's newest session recorded them in meta.json (None for a run
+    started before they were recorded). meta.json is a history, not a result: a damaged one gives None."""
+    try:
+        meta = read_object(Path(path) / META)
+    except (OSError, ValueError):
+        meta = {}
+    size = {}
+    for key in ("parameters", "macs_per_image"):
+        value = meta.get(key)
+        size[key] = value if _is_number(value) and isinstance(value, int) and value >= 0 else None
+    return size
+
+
+def is_test_metric(column):
+    """A column of numbers evaluate.py saved (`best_test_acc`, `ema_cifar10c_acc`, ...), not a config key."""
+    return isinstance(column, str) and column.startswith(TEST_PREFIXES)
+
+
+def read_test_results(path):
+    """Every number evaluate.py saved for this run, from its eval_<set>.json files: {`best_test_acc`: 0.91, ...}."""
+    results = {}
+    for file in sorted(Path(path).glob(EVAL_FILES)):
+        saved = read_object(file)
+        for key, value in saved.items():
+            if is_test_metric(key) and _is_number(value):
+                results[key] = float(value)
+    return results
 
 
 def load_runs(folder):
@@ -264,3 +302,55 @@ def load_runs(folder):
     table = pd.DataFrame(rows)
     table.attrs["skipped"] = skipped
     return table
+
+
+# What `group_seeds` adds beside the config keys; every metric becomes `<metric>_mean` and `<metric>_std`.
+GROUP_COUNTS = ("n", "finished", "evaluated", "seeds", "runs", "parameters", "macs_per_image")
+GROUPED_METRICS = ("best_valid_acc", "last_valid_acc", "training_hours")
+# Keys that decide only when to checkpoint and what to log, not what is computed: seeds differing in them
+# are still one configuration (and the grouped table leaves them out).
+NOT_CONFIGURATION = tuple(key for key in RESUMABLE_CHANGES if key != "n_epochs")
+
+
+def group_seeds(runs):
+    """`load_runs`' table with one row per configuration without its seed, in the order of its first run:
+    the config keys (but those that decide only when to checkpoint and whether to write TensorBoard
+    events), `n` (runs), `finished`, `evaluated` (runs with test results), `seeds`, `runs`, the model's
+    `parameters` and `macs_per_image`, and the mean and standard deviation (n - 1 in the denominator; NaN
+    for a single run) of the best and last validation accuracy, of every number evaluate.py saved, and of
+    the training hours, each over the runs that have it."""
+    import pandas as pd
+
+    if runs.empty:
+        return pd.DataFrame()
+    tests = sorted(c for c in runs.columns if is_test_metric(c))
+    keys = [c for c in runs.columns if c not in ("run", "seed", *RUN_METRICS, *NOT_CONFIGURATION) and c not in tests]
+    groups = {}
+    for position, values in enumerate(runs[keys].itertuples(index=False)):
+        groups.setdefault(tuple(json.dumps(_plain(v), sort_keys=True) for v in values), []).append(position)
+    rows = []
+    for positions in groups.values():
+        members = runs.iloc[positions]
+        row = dict(zip(keys, members[keys].iloc[0], strict=True))
+        row.update(n=len(members), finished=int((members["state"] == "finished").sum()),
+                   evaluated=int(members[tests].notna().any(axis=1).sum()) if tests else 0,
+                   seeds=list(members["seed"]) if "seed" in members else [], runs=list(members["run"]),
+                   parameters=_first(members["parameters"]), macs_per_image=_first(members["macs_per_image"]))
+        for metric in (*GROUPED_METRICS[:2], *tests, GROUPED_METRICS[2]):
+            present = members[metric].dropna().astype(float)
+            row[f"{metric}_mean"] = present.mean() if len(present) else None
+            row[f"{metric}_std"] = present.std(ddof=1) if len(present) > 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plain(value):
+    """A config value as JSON can hold it: pandas fills a key a run's config lacks with NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict)) else value
+
+
+def _first(column):
+    present = column.dropna()
+    return int(present.iloc[0]) if len(present) else None

@@ -15,20 +15,24 @@ from src.files import TMP_PREFIX, atomic_write
 DEFAULT_BASE_URL = KRIZHEVSKY_URL  # where an archive no entry names is looked for
 BASE_URL_VARIABLE = "CIFAR_BASE_URL"  # a mirror, or a test server on 127.0.0.1
 
-# Archive name -> its published MD5 and base URL, from the registered entries (`publish`). Tests put the
+# Archive name -> its published MD5 (None: none is published; its reader checks what it holds), base URL and
+# the environment variable that overrides the base, from the registered entries (`publish`). Tests put the
 # MD5 of the file they serve into ARCHIVE_MD5.
 ARCHIVE_MD5 = {}
 ARCHIVE_BASE_URL = {}
+ARCHIVE_VARIABLE = {}
 CHUNK = 1 << 20
 
 
-def publish(name, md5, base_url):
-    """Make archive `name` downloadable: fetched from `base_url` + name, kept only if its MD5 is `md5`."""
-    ARCHIVE_MD5[name], ARCHIVE_BASE_URL[name] = md5, base_url
+def publish(name, md5, base_url, variable=BASE_URL_VARIABLE):
+    """Make archive `name` downloadable: fetched from `base_url` + name (or $`variable` + name), kept only if
+    its MD5 is `md5` (any file when `md5` is None)."""
+    ARCHIVE_MD5[name], ARCHIVE_BASE_URL[name], ARCHIVE_VARIABLE[name] = md5, base_url, variable
 
 
 def archive_url(name):
-    base = os.environ.get(BASE_URL_VARIABLE) or ARCHIVE_BASE_URL.get(name, DEFAULT_BASE_URL)
+    base = os.environ.get(ARCHIVE_VARIABLE.get(name, BASE_URL_VARIABLE)) or ARCHIVE_BASE_URL.get(name,
+                                                                                                  DEFAULT_BASE_URL)
     return base.rstrip("/") + "/" + name
 
 
@@ -55,7 +59,7 @@ def download_archive(name, data_dir):
                     out.write(chunk)
                     md5.update(chunk)
                     bar.update(len(chunk))
-        if md5.hexdigest() != ARCHIVE_MD5[name]:
+        if ARCHIVE_MD5.get(name) is not None and md5.hexdigest() != ARCHIVE_MD5[name]:
             raise RunError(
                 f"downloaded {url} has MD5 {md5.hexdigest()}, expected {ARCHIVE_MD5[name]}; "
                 f"nothing was saved; {by_hand}"

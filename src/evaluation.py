@@ -32,3 +32,89 @@ def validation_columns(model, images, labels, device, precision, batch_size, pre
     if len(images):
         loss, accuracy, _ = evaluate(model, images, labels, device, precision, batch_size=batch_size)
     return {f"{prefix}valid_loss": loss, f"{prefix}valid_acc": accuracy}
+
+
+# --- what evaluate.py measures: logits (with test-time augmentation), then scores from them -----------------
+
+TTA_MODES = ("flip", "flip+shift")
+SHIFT = 2  # pixels; the training crops move images by up to 4 (zero padding), so 2 stays well inside that
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and most papers since measure ECE
+
+
+def views(x, tta):
+    """The images a test-time augmentation averages over: `None` the image alone; `flip` it and its mirror;
+    `flip+shift` both, each also moved SHIFT pixels up, down, left and right (zero fill, as the training
+    crops pad): 10 views."""
+    if tta is None:
+        return [x]
+    mirrors = [x, x.flip(3)]
+    if tta == "flip":
+        return mirrors
+    shifted = []
+    for image in mirrors:
+        padded = F.pad(image, (SHIFT, SHIFT, SHIFT, SHIFT))
+        height, width = image.shape[2:]
+        for dy, dx in ((0, 0), (-SHIFT, 0), (SHIFT, 0), (0, -SHIFT), (0, SHIFT)):
+            shifted.append(padded[:, :, SHIFT + dy:SHIFT + dy + height, SHIFT + dx:SHIFT + dx + width])
+    return shifted
+
+
+def predict(model, images, device, tta=None, batch_size=1024):
+    """-> float32 logits (N, classes) on the CPU, in fp32 and eval mode. With `tta`, the log of the mean of
+    the views' softmax probabilities: its softmax is the averaged prediction, so every score below reads it
+    as it reads plain logits."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            logits = [model(view).float() for view in views(x, tta)]
+            if tta is not None:
+                probabilities = torch.stack([z.softmax(1) for z in logits]).mean(0)
+                logits = [probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()]
+            outputs.append(logits[0].cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
+
+
+def scores(logits, labels):
+    """Loss (mean cross-entropy), top-1 and top-5 accuracy (top-k with k = min(5, classes)), and the expected
+    calibration error with its reliability bins, of `logits` (N, classes) against int64 `labels` (N,)."""
+    n = max(len(labels), 1)
+    k = min(5, logits.shape[1])
+    top_k = logits.topk(k, dim=1).indices
+    ece, reliability = calibration(logits, labels)
+    return {"loss": F.cross_entropy(logits.double(), labels, reduction="sum").item() / n,
+            "acc": (top_k[:, 0] == labels).sum().item() / n,
+            "top5": (top_k == labels[:, None]).any(1).sum().item() / n,
+            "ece": ece, "reliability": reliability}
+
+
+def calibration(logits, labels, n_bins=ECE_BINS):
+    """-> (ECE, bins): confidence (the top class's probability) in `n_bins` equal-width bins (lower, upper];
+    ECE = sum over bins of |accuracy - mean confidence| weighted by the bin's share of the images."""
+    probabilities = logits.double().softmax(1)
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    which = torch.bucketize(confidence, edges[1:-1])  # bin i holds (edges[i], edges[i + 1]]
+    count = torch.bincount(which, minlength=n_bins)
+    right = torch.bincount(which, weights=correct, minlength=n_bins)
+    sure = torch.bincount(which, weights=confidence, minlength=n_bins)
+    bins, ece = [], 0.0
+    for i in range(n_bins):
+        c = int(count[i])
+        accuracy, mean_confidence = (right[i].item() / c, sure[i].item() / c) if c else (None, None)
+        if c:
+            ece += c / max(len(labels), 1) * abs(accuracy - mean_confidence)
+        bins.append({"lower": edges[i].item(), "upper": edges[i + 1].item(), "count": c, "accuracy": accuracy,
+                     "confidence": mean_confidence})
+    return ece, bins
+
+
+def confusion_matrix(true, predicted, n):
+    """counts[i, j]: images of class i predicted as j (numpy int64 arrays in, numpy out)."""
+    import numpy as np
+
+    return np.bincount(true * n + predicted, minlength=n * n).reshape(n, n)

@@ -37,6 +37,7 @@ from src.errors import RunError, UsageError
 from src.evaluation import validation_columns
 from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
 from src.hardware import choose_device, choose_precision
+from src.model_size import model_size
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.monitoring import Monitors
@@ -166,7 +167,7 @@ def run_main_loop(config, save_path, build_model=None):
             if ranks.is_main:
                 with disk_errors_stop_training(folder.path):
                     folder.save_config(config)
-                    folder.record_session(device, precision, ranks.world_size)
+                    folder.record_session(device, precision, ranks.world_size, model_size(model, valid[0].shape[1:]))
             loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks)
             code = loop.run()
             failed = False

@@ -1,4 +1,5 @@
-"""PNG figures: a run's learning curves, several runs overlaid, a confusion matrix.
+"""PNG figures: a run's learning curves, several runs overlaid (or their seeds' mean and spread), a confusion
+matrix, a reliability diagram.
 
 Uses matplotlib's object API with the Agg renderer (no pyplot, no display, no global state), and
 writes each file atomically, so a figure being redrawn is never seen half written.
@@ -60,22 +61,87 @@ def plot_runs(logs, path, title="Runs compared"):
     _save(figure, path)
 
 
+def plot_groups(groups, path, title="Configurations compared"):
+    """Per configuration, the mean over its runs (seeds) of validation accuracy and loss against epoch, with a
+    band of ±1 standard deviation; `groups`: {label: [log DataFrame, ...]}. An epoch's mean and spread are
+    over the runs that reached it."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(11, 4.5 + 0.25 * ((len(groups) + 1) // 2))
+    figure.suptitle(title)
+    acc_axes, loss_axes = figure.subplots(1, 2)
+    for label, logs in groups.items():
+        logs = [log.reindex(columns=["epoch", "valid_acc", "valid_loss", "train_loss"]) for log in logs if len(log)]
+        if not logs:
+            continue
+        by_epoch = pd.concat(logs).astype(float).groupby("epoch")
+        mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)  # one run: no band
+        line = acc_axes.plot(mean.index, mean["valid_acc"], label=label, **TRAIN_STYLE)[0]
+        color = line.get_color()
+        acc_axes.fill_between(mean.index, mean["valid_acc"] - std["valid_acc"], mean["valid_acc"] + std["valid_acc"],
+                              color=color, alpha=0.2, linewidth=0)
+        loss_axes.plot(mean.index, mean["valid_loss"], color=color, **TRAIN_STYLE)
+        loss_axes.fill_between(mean.index, mean["valid_loss"] - std["valid_loss"],
+                               mean["valid_loss"] + std["valid_loss"], color=color, alpha=0.2, linewidth=0)
+        loss_axes.plot(mean.index, mean["train_loss"], color=color, alpha=0.5, **VALID_STYLE)
+    acc_axes.set(title="Validation accuracy (mean ± 1 std)", xlabel="epoch", ylabel="accuracy")
+    loss_axes.set(title="Loss (solid: validation ± 1 std, dashed: training)", xlabel="epoch",
+                  ylabel="cross-entropy loss")
+    for axes in (acc_axes, loss_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+    figure.legend(loc="outside lower center", ncol=min(len(groups), 2), fontsize="small")
+    _save(figure, path)
+
+
+def plot_reliability(bins, path, title):
+    """A reliability diagram: per confidence bin, the accuracy (bars) against the confidence (the diagonal is
+    perfect calibration; red: the gap), and below, how many images fall in each bin. `bins`: the
+    `reliability` list of src.evaluation.calibration."""
+    import numpy as np
+
+    lower = np.array([b["lower"] for b in bins])
+    width = np.array([b["upper"] - b["lower"] for b in bins])
+    count = np.array([b["count"] for b in bins])
+    accuracy = np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins])
+    confidence = np.array([np.nan if b["confidence"] is None else b["confidence"] for b in bins])
+    figure = _figure(5.5, 6.5)
+    figure.suptitle(title)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.bar(lower, np.nan_to_num(accuracy), width=width, align="edge", color="tab:blue", edgecolor="black",
+            linewidth=0.5, label="accuracy")
+    gap = np.nan_to_num(confidence - accuracy)
+    top.bar(lower, gap, bottom=np.nan_to_num(accuracy), width=width, align="edge", fill=False, hatch="///",
+            edgecolor="tab:red", linewidth=0.8, label="gap to the bin's mean confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    top.legend(loc="upper left", fontsize="small")
+    top.grid(alpha=0.3)
+    bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+    bottom.set(xlabel="confidence (the top class's probability)", ylabel="images")
+    bottom.grid(alpha=0.3)
+    _save(figure, path)
+
+
 def plot_confusion(matrix, class_names, path, title):
     """Rows: true class, columns: predicted class; each row as a fraction of that class's images."""
     import numpy as np
 
     totals = matrix.sum(axis=1, keepdims=True)
     fractions = matrix / np.maximum(totals, 1)
-    size = 5 + 0.25 * min(len(class_names), 20)
+    size = 5 + 0.25 * min(len(class_names), 20) + 0.1 * max(len(class_names) - 20, 0)  # 100 classes: 15 inches
     figure = _figure(size + 1, size)
     axes = figure.subplots()
     image = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, label="fraction of the true class")
     axes.set(title=title, xlabel="predicted class", ylabel="true class")
+    ticks = range(len(class_names))
+    small = {"fontsize": 5} if len(class_names) > 20 else {}  # CIFAR-100: every name, small
+    axes.set_xticks(ticks, class_names, rotation=45 if not small else 90, ha="right" if not small else "center",
+                    **small)
+    axes.set_yticks(ticks, class_names, **small)
     if len(class_names) <= 20:
-        ticks = range(len(class_names))
-        axes.set_xticks(ticks, class_names, rotation=45, ha="right")
-        axes.set_yticks(ticks, class_names)
         for i in ticks:
             for j in ticks:
                 if matrix[i, j]:

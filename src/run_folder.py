@@ -9,6 +9,7 @@
     curves.png        learning curves, redrawn after every epoch
     tensorboard/      TensorBoard event files
     stdout.log, stderr.log   copies of what the runs printed
+    eval_<set>.json, confusion_<set>_*, reliability_<set>_*.png, predictions_<set>_*.npz   written by evaluate.py
 """
 import contextlib
 import datetime
@@ -37,7 +38,7 @@ PROGRESS_FILES = (LOG, STATUS, BEST_MODEL)
 # Everything a run or evaluate.py writes here; a folder holding anything else is not a run folder.
 RUN_FILE_NAMES = {CONFIG, META, LOG, STATUS, CHECKPOINTS, BEST_MODEL, "curves.png", "tensorboard", "stdout.log",
                   "stderr.log", LOCK_FILE, "eval_test.json"}
-RUN_FILE_PREFIXES = (TMP_PREFIX, "confusion_test_", "eval_")
+RUN_FILE_PREFIXES = (TMP_PREFIX, "confusion_", "eval_", "reliability_", "predictions_")
 
 
 def is_finished(status, n_epochs):
@@ -156,8 +157,9 @@ class RunFolder:
         atomic_write(self.path / LOG, lambda f: f.write(text.encode()))
         write_json(self.path / STATUS, status)
 
-    def record_session(self, device, precision, world_size=1):
-        """Append this session (command, commit, host, versions, device) to meta.json."""
+    def record_session(self, device, precision, world_size=1, size=None):
+        """Append this session (command, commit, host, versions, device; the model's `size`, from
+        `src.model_size.model_size`: parameters and MACs per image) to meta.json."""
         import ignite
         import torch
 
@@ -175,6 +177,7 @@ class RunFolder:
             "processes": world_size,
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "pid": os.getpid(),
+            **(size or {}),
         }
         previous = self.read_sessions()
         last = (previous[-1].get("device"), previous[-1].get("precision")) if previous else None

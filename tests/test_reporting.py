@@ -195,3 +195,68 @@ def test_analysis_example_runs_cell_by_cell_as_in_a_notebook(results, monkeypatc
         exec(compile(cell, str(EXAMPLE), "exec"), namespace)  # noqa: S102
     assert (results / "comparison.png").exists()
     assert "best run:" in capsys.readouterr().out
+
+
+# --- seeds aggregated: report.py --group-seeds ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory, data_dir):
+    """sweep/lr=0.1-seed={1,2,3} and sweep/lr=0.2-seed={1,2}, finished; two lr=0.1 seeds evaluated."""
+    root = tmp_path_factory.mktemp("seeded")
+    base = apply_overrides(simple_cnn_configs.get("cifar10"), dict(w[2:].split("=", 1) for w in TINY))
+    saved_data_dir = os.environ.get("DATA_DIR")
+    os.environ["DATA_DIR"] = str(data_dir)
+    try:
+        for lr, seeds in ((0.1, (1, 2, 3)), (0.2, (1, 2))):
+            for seed in seeds:
+                path = root / "sweep" / f"lr={lr}-seed={seed}"
+                assert run_main_loop({**base, "lr": lr, "seed": seed, "tensorboard": False}, path,
+                                     build_simple_cnn) == 0
+        for seed in (1, 2):
+            result = run_script(REPO / "src" / "scripts" / "evaluate.py", root / "sweep" / f"lr=0.1-seed={seed}",
+                                data_dir=data_dir)
+            assert result.returncode == 0, result.stderr
+    finally:
+        if saved_data_dir is None:
+            del os.environ["DATA_DIR"]
+        else:
+            os.environ["DATA_DIR"] = saved_data_dir
+    return root / "sweep"
+
+
+def test_group_seeds_aggregates_real_runs(seeded):
+    from src.analysis import group_seeds
+
+    runs = load_runs(seeded)
+    grouped = group_seeds(runs)
+    assert list(grouped["lr"]) == [0.1, 0.2] and list(grouped["n"]) == [3, 2] and list(grouped["evaluated"]) == [2, 0]
+    first = runs[runs["lr"] == 0.1]
+    assert grouped["best_valid_acc_mean"][0] == pytest.approx(first["best_valid_acc"].mean())
+    assert grouped["best_valid_acc_std"][0] == pytest.approx(first["best_valid_acc"].std(ddof=1))
+    tests = [json.loads((seeded / f"lr=0.1-seed={s}" / "eval_test.json").read_text())["best_test_acc"] for s in (1, 2)]
+    assert grouped["best_test_acc_mean"][0] == pytest.approx(np.mean(tests))
+    assert grouped["parameters"][0] == runs["parameters"][0] > 0
+
+
+def test_report_groups_seeds_sorts_exports_and_plots_bands(seeded, data_dir, tmp_path):
+    csv, markdown, plot = tmp_path / "g.csv", tmp_path / "g.md", tmp_path / "bands.png"
+    result = run_script(REPORT_SCRIPT, seeded, "--group-seeds", "--sort", "best_valid_acc", "--reverse",
+                        "--csv", csv, "--markdown", markdown, "--plot", plot, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    header, rule, *rows = result.stdout.splitlines()[:4]
+    columns = header.split()
+    assert columns[:4] == ["lr", "n", "finished", "evaluated"] and "best_test_acc" in columns
+    assert all("±" in row for row in rows)
+    import pandas as pd
+
+    numbers = pd.read_csv(csv)
+    means = list(numbers["best_valid_acc_mean"])
+    assert means == sorted(means, reverse=True) and set(numbers["n"]) == {2, 3}
+    assert [row.split()[0] for row in rows] == [str(lr) for lr in numbers["lr"]]  # shown in the order exported
+    assert markdown.read_text().count("\n") == 4
+    assert_real_picture(plot)
+    chosen = run_script(REPORT_SCRIPT, seeded, "--group-seeds", "--plot", tmp_path / "one.png", "--runs",
+                        "lr=0.2-seed=1,lr=0.2-seed=2", data_dir=data_dir)  # the table: all; the figure: lr=0.2
+    assert chosen.returncode == 0 and len(chosen.stdout.splitlines()) == 2 + 2 + 1  # both groups, and "wrote"
+    assert_real_picture(tmp_path / "one.png")

@@ -2,10 +2,11 @@
 the training step's speed here: python src/scripts/bench_models.py [--steps N] [--out FILE] [--only NAME,...]
 
 Parameters and MACs are counted by torch (`torch.utils.flop_counter`: convolutions and dense layers, one
-32x32 image, MACs = FLOPs / 2). The speed is the bare training step (forward, backward, optimizer; the
-main loop's own `train_step`, model and optimizer built as the main loop builds them) on random uint8
-batches, after one warm-up step, at the precision `auto` picks; an epoch of 45,000 images is that rate's
-time, so the loop's small overhead (README, Performance) comes on top.
+32x32 image, MACs = FLOPs / 2) through `src.model_size`, as every run records them in its meta.json. The
+speed is the bare training step (forward, backward, optimizer; the main loop's own `train_step`, model and
+optimizer built as the main loop builds them) on random uint8 batches, after one warm-up step, at the
+precision `auto` picks; an epoch of 45,000 images is that rate's time, so the loop's small overhead
+(README, Performance) comes on top.
 """
 import sys
 import time
@@ -29,18 +30,6 @@ CONFIGS = [("simple_cnn", "cifar10", 128), ("resnet", "resnet20", 128), ("resnet
            ("fast", "fast", 256)]  # the fast recipe's batch is 1024: on a GPU, time it with --batch 1024
 
 
-def macs_per_image(model):
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=next(model.parameters()).device))
-    model.train()
-    return counter.get_total_flops() // 2
-
-
 def measure(config, batch, steps, device, precision):
     """(parameters, MACs per image, training images per second) of `config`'s model."""
     import types
@@ -48,6 +37,7 @@ def measure(config, batch, steps, device, precision):
     import torch
 
     from src.main_loop import build_training_model, train_step
+    from src.model_size import model_size
     from src.models import build_model
 
     # Random training images, for a model whose initialisation reads them (src/fast.py's whitening).
@@ -55,8 +45,8 @@ def measure(config, batch, steps, device, precision):
     stream = types.SimpleNamespace(mean=torch.full((1, 3, 1, 1), 120.0), std=torch.full((1, 3, 1, 1), 60.0),
                                    images=images)
     model, optimizer = build_training_model(config, build_model, stream, device, precision)
-    parameters = sum(p.numel() for p in model.parameters())
-    macs = macs_per_image(model)
+    size = model_size(model)  # what a run records in meta.json
+    parameters, macs = size["parameters"], size["macs_per_image"]
     generator = torch.Generator().manual_seed(0)
     n_classes = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
     batches = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device),

@@ -1,8 +1,10 @@
 """A table of every run under a folder: python src/scripts/report.py RESULTS_DIR
 
-Shows each run's path, the config keys whose values differ between the runs, epochs done, its state
-(finished, running, stopped), best and last validation accuracy, and training time. Folders that
-cannot be read are listed below the table, never a crash.
+Shows each run's path, the config keys whose values differ between the runs, the model's parameters and
+MACs per image, its test results when evaluate.py saved them, epochs done, its state (finished, running,
+stopped), best and last validation accuracy, and training time. With --group-seeds, one row per
+configuration without its seed: n, and the mean ± std of each metric. Folders that cannot be read are
+listed below the table, never a crash.
 """
 import sys
 from pathlib import Path
@@ -16,15 +18,19 @@ if __name__ == "__main__":
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
-from src.run_table import as_markdown, as_text, build_table, sort_table  # noqa: E402, F401  (sort_table: public)
+from src.run_table import (  # noqa: E402, F401  (sort_table: public)
+    as_markdown, as_text, build_table, group_labels, grouped_numbers, grouped_table, sort_table,
+)
 
 
 @exit_codes
-def main(results_dir, *, csv=None, markdown=None, sort="run", reverse=False, plot=None, runs=None):
+def main(results_dir, *, csv=None, markdown=None, sort=None, reverse=False, plot=None, runs=None,
+         group_seeds=False):
     """Print the run table of RESULTS_DIR; --csv/--markdown FILE write it too; --plot FILE overlays the curves
-    of the runs (all, or --runs NAME,NAME,...); --sort COLUMN (--reverse for descending)."""
-    from src.analysis import load_runs, read_log
-    from src.files import atomic_write
+    of the runs (all, or --runs NAME,NAME,...); --sort COLUMN (--reverse for descending); --group-seeds: one
+    row per configuration without its seed, mean ± std over its seeds (--plot: per configuration of the
+    runs drawn, the mean curve with a ±1 std band)."""
+    from src.analysis import load_runs
 
     folder = Path(results_dir)
     if not folder.is_dir():
@@ -35,29 +41,75 @@ def main(results_dir, *, csv=None, markdown=None, sort="run", reverse=False, plo
     if found.empty:
         print(f"no runs under {folder}")
         return 0
+    chosen = chosen_runs(found, runs.split(","), folder) if runs else found
+    shown, exported = grouped(found, sort, reverse) if group_seeds else ungrouped(found, sort, reverse)
+    print(as_text(shown), end="")
+    write_outputs(shown, exported, csv, markdown)
+    if plot:
+        draw(chosen, folder, plot, group_seeds)
+        print(f"wrote {plot}")
+    return 0
+
+
+def chosen_runs(found, names, folder):
+    unknown = sorted(set(names) - set(found["run"]))
+    if unknown:
+        raise UsageError(f"no run named {', '.join(unknown)} under {folder}")
+    return found[found["run"].isin(names)].reset_index(drop=True)
+
+
+def ungrouped(found, sort, reverse):
+    """-> (the table shown, the table exported): the same, one row per run."""
     table = build_table(found)
+    sort = sort or "run"
+    check_sort(sort, table)
+    table = sort_table(table, sort, reverse, found["epochs_done"] if sort == "epochs" else None)  # 9/30 < 10/30
+    return table, table
+
+
+def grouped(found, sort, reverse):
+    """-> (the table shown: 'mean ± std' cells; the table exported: group_seeds' numbers), in the same order."""
+    from src.analysis import group_seeds
+
+    numbers = group_seeds(found)
+    table = grouped_table(numbers)
+    if sort:
+        check_sort(sort, table)
+        table = sort_table(table, sort, reverse, numbers[f"{sort}_mean"] if f"{sort}_mean" in numbers else None)
+        numbers = numbers.loc[table.index]
+    return table, grouped_numbers(numbers)
+
+
+def check_sort(sort, table):
     if sort not in table.columns:
         raise UsageError(f"cannot sort by '{sort}'; columns: {', '.join(table.columns)}")
-    table = sort_table(table, sort, reverse, found["epochs_done"] if sort == "epochs" else None)  # 9/30 < 10/30
-    print(as_text(table), end="")
+
+
+def write_outputs(shown, exported, csv, markdown):
+    from src.files import atomic_write
+
     if csv:  # written whole or not at all, like every file here
-        text = table.to_csv(index=False)
+        text = exported.to_csv(index=False)
         atomic_write(Path(csv), lambda f: f.write(text.encode()))
         print(f"wrote {csv}")
     if markdown:
-        text = as_markdown(table)
+        text = as_markdown(shown)
         atomic_write(Path(markdown), lambda f: f.write(text.encode()))
         print(f"wrote {markdown}")
-    if plot:
-        from src.plots import plot_runs
 
-        chosen = runs.split(",") if runs else list(table["run"])
-        unknown = sorted(set(chosen) - set(table["run"]))
-        if unknown:
-            raise UsageError(f"no run named {', '.join(unknown)} under {folder}")
-        plot_runs({name: read_log(folder / name) for name in chosen}, plot, title=f"Runs in {folder}")
-        print(f"wrote {plot}")
-    return 0
+
+def draw(found, folder, plot, group_seeds):
+    from src.analysis import group_seeds as groups_of
+    from src.analysis import read_log
+    from src.plots import plot_groups, plot_runs
+
+    if not group_seeds:
+        plot_runs({name: read_log(folder / name) for name in found["run"]}, plot, title=f"Runs in {folder}")
+        return
+    numbers = groups_of(found)
+    curves = {f"{label} (n={len(names)})": [read_log(folder / name) for name in names]
+              for label, names in zip(group_labels(numbers), numbers["runs"], strict=True)}
+    plot_groups(curves, plot, title=f"Runs in {folder}: mean and ±1 std over seeds")
 
 
 if __name__ == "__main__":
