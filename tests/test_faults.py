@@ -151,6 +151,21 @@ def test_fp16_with_skipped_steps_killed_anywhere_resumes_bit_identical(fp16_star
     assert [row["valid_acc"] is None for row in rows] == [False, True, False]  # epoch 1 was its session's last
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="deterministic=true is a promise about CUDA kernels")
+def test_cuda_deterministic_run_killed_anywhere_resumes_bit_identical(data_dir, tmp_path):
+    """On a GPU, deterministic=true (no cuDNN autotuning, deterministic algorithms) keeps the exact-resume
+    contract: killed four times, the run ends bit for bit as an uninterrupted one."""
+    cuda = ["--device=cuda", "--deterministic=true"]
+    reference = tmp_path / "reference"
+    result = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *cuda, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, *cuda, "--checkpoint_every_n_batches=2"]
+    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(7))
+    assert kills == N_RECIPE_KILLS
+    assert_identical(reference, run)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGUSR1, signal.SIGUSR2])
 def test_slurm_warning_signals_checkpoint_and_exit(data_dir, tmp_path, signal_number):
     run = tmp_path / "run"
