@@ -41,7 +41,7 @@ from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_train
 from src.hardware import choose_device, choose_precision, grad_scaler, kernel_settings
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
-from src.monitoring import Monitors
+from src.monitoring import Monitors, format_row
 from src.optim import build_optimizer, learning_rate
 from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
@@ -396,15 +396,3 @@ def seconds_since_process_start():
         return float(Path("/proc/uptime").read_text().split()[0]) - started
     except (OSError, ValueError, IndexError):
         return None
-
-
-def format_row(row, n_epochs):
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    ema = (f"ema valid loss {fmt(row['ema_valid_loss'], '.4f')} acc {fmt(row['ema_valid_acc'], '.4f')}  "
-           if "ema_valid_acc" in row else "")
-    return (f"epoch {row['epoch']}/{n_epochs}  iter {row['iteration']}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  {ema}"
-            f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f} s  {row['images_per_second']:.0f} img/s")

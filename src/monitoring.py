@@ -118,6 +118,19 @@ def quiet_tensorboard_threads():
     threading.excepthook = hook
 
 
+def format_row(row, n_epochs):
+    """The line printed after each epoch; "-" for a column without a value (an epoch not validated)."""
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    ema = (f"ema valid loss {fmt(row['ema_valid_loss'], '.4f')} acc {fmt(row['ema_valid_acc'], '.4f')}  "
+           if "ema_valid_acc" in row else "")
+    return (f"epoch {row['epoch']}/{n_epochs}  iter {row['iteration']}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  {ema}"
+            f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f} s  {row['images_per_second']:.0f} img/s")
+
+
 class Curves:
     """curves.png, redrawn on a thread of its own from a copy of the log, at most every `every_seconds`."""
 

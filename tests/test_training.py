@@ -302,6 +302,9 @@ def test_curves_are_drawn_at_the_first_epoch_then_at_most_every_n_seconds_and_at
     calls.clear()
     assert train_here(tmp_path / "often", "--n_epochs=4", "--plot_every_seconds=0").returncode == 0
     assert calls[0] == 1 and calls[-1] == 4 and calls == sorted(set(calls))  # every epoch whose turn was free
+    calls.clear()  # when to draw may change on resume, like when to save: it changes nothing computed
+    assert train_here(tmp_path / "rare", "--n_epochs=5", "--plot_every_seconds=0").returncode == 0
+    assert calls == [5]
 
 
 def test_a_drawing_that_cannot_be_written_stops_the_run_in_one_line(train_here, tmp_path, monkeypatch):
