@@ -244,7 +244,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
 
     from configs.simple_cnn import simple_cnn_configs
     from src.cifar_writer import write_cifar
-    from src.hardware import choose_device, choose_precision
+    from src.hardware import choose_device, choose_precision, kernel_settings
     from src.scripts import bench_epoch_costs
 
     # The default config; the validation share of the training images is kept at its 5,000 of 50,000.
@@ -252,7 +252,8 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     device = choose_device(config["device"])
     precision = choose_precision(config["precision"], device)
     Path(SCRATCH).mkdir(exist_ok=True)  # the project's disk, as run folders are: /tmp may be a tmpfs
-    with tempfile.TemporaryDirectory(dir=SCRATCH) as data_dir:
+    # The kernels the loop runs with at the default keys (CUDA: cudnn.benchmark on; a CPU: nothing changes).
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as data_dir, kernel_settings(device, config["deterministic"]):
         write_cifar("cifar10", data_dir, n_train=n_images, n_test=100)
         bench = Bench(config, Path(data_dir), steps, device, precision)
         rounds = {name: [] for name in ("bare_fp32", "bare_best", "bare_fp16", "bare_best_one_thread", "stream_only",
