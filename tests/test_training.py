@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -359,3 +360,32 @@ def test_fp16_the_device_cannot_run_is_refused_in_one_line_before_anything_is_wr
     assert result.stderr == ("error: --precision=fp16 does not run on cpu (no fp16 kernels here); "
                              "use --precision=auto or fp32\n")
     assert not (run / "config.json").exists()
+
+
+def test_fp16_under_torchrun_skips_overflowing_steps_on_every_rank_alike(data_dir, tmp_path):
+    """DDP averages the scaled gradients before the scaler looks at them, so every rank skips the same steps:
+    a run whose scale overflows again and again ends normally, its scaler in the checkpoint."""
+    import sys
+
+    from conftest import REPO, script_env
+    from src.checkpoint import save_tensors
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(TRAIN_SCRIPT), "cifar10", *map(str, args)]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=script_env(data_dir),
+                              timeout=300)
+
+    run = tmp_path / "run"
+    args = [run, *TINY, *RESUMABLE, "--precision=fp16", "--grad_clip=1.0"]
+    first = torchrun(*args, "--n_epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    newest = list_checkpoints(run / "checkpoints")[0]
+    contents = load_tensors(newest)
+    contents["scaler"].update(scale=2.0 ** 24, growth_interval=2)
+    save_tensors(contents, newest, checksum=True)
+    rest = torchrun(*args)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    final = load_tensors(list_checkpoints(run / "checkpoints")[0])
+    assert final["scaler"]["scale"] < 2.0 ** 24 and len(final["progress"]["log"]) == 3
+    assert all(torch.isfinite(value).all() for value in final["model"].values() if value.is_floating_point())
