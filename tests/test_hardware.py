@@ -84,3 +84,31 @@ def test_on_a_cpu_nothing_changes(deterministic):
     before = cuda_flags()
     with hardware.kernel_settings(CPU, deterministic):
         assert cuda_flags() == before
+
+
+def test_the_new_keys_are_checked():
+    from configs.training import TRAINING_ROOT, training_problems
+
+    assert training_problems({**TRAINING_ROOT, "precision": "fp16", "deterministic": True, "valid_every": 5,
+                              "plot_every_seconds": 0.0, "compile_mode": "max-autotune-no-cudagraphs"}) == []
+    assert training_problems({**TRAINING_ROOT, "valid_every": 0}) == [
+        "--valid_every must be at least 1 (epochs), not 0"]
+    assert training_problems({**TRAINING_ROOT, "plot_every_seconds": -1.0}) == [
+        "--plot_every_seconds must not be negative, not -1.0"]
+    [problem] = training_problems({**TRAINING_ROOT, "compile_mode": "fastest"})
+    assert problem.startswith("--compile_mode must be one of default, reduce-overhead,")
+    [problem] = training_problems({**TRAINING_ROOT, "precision": "fp8"})
+    assert problem == "--precision must be one of auto, fp32, bf16, fp16, not 'fp8'"
+
+
+def test_compile_mode_reaches_torch_compile(train_here, tmp_path, monkeypatch):
+    modes = []
+
+    def compile_(module, mode=None):
+        modes.append(mode)
+        return module  # eager: only the mode asked for is checked here
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    result = train_here(tmp_path / "run", "--n_epochs=1", "--compile=true", "--compile_mode=max-autotune-no-cudagraphs")
+    assert result.returncode == 0, result.stderr
+    assert modes == ["max-autotune-no-cudagraphs"]
