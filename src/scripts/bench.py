@@ -234,9 +234,12 @@ def median(values):
 
 
 @exit_codes
-def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False, epoch_costs_of=None):
+def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False, compile_modes=None,
+         epoch_costs_of=None):
     """Measure the default model's bare step against the main loop, on a learnable CIFAR-10-format archive.
-    `epoch_costs_of`: the configs (comma-separated) whose per-epoch fixed cost is measured; default all."""
+    `compile_modes`: torch.compile's modes to time (comma-separated; default both of COMPILE_MODES on CUDA,
+    none on a CPU, `default` there with --compile-too). `epoch_costs_of`: the configs (comma-separated) whose
+    per-epoch fixed cost is measured; default all."""
     import json
     import platform
 
@@ -263,10 +266,13 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
             for name, values in rounds.items():
                 values.append(getattr(bench, name)())
             print(f"round {r + 1}/{repeats} done", file=sys.stderr)
-        modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:1] if compile_too else ()
+        if compile_modes is not None:
+            modes = [mode for mode in compile_modes.split(",") if mode]
+        else:
+            modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:1] if compile_too else ()
         compiled = {mode: measure_compile(bench, mode) for mode in modes} or None
         only = set(epoch_costs_of.split(",")) if epoch_costs_of else None
-        epoch_costs = bench_epoch_costs.measure(bench, only, repeats)
+        epoch_costs = bench_epoch_costs.measure(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
 
     result = {name: median(values) for name, values in rounds.items() if name != "end_to_end"}
     result["end_to_end_epoch"] = median([v["epoch"] for v in rounds["end_to_end"]])
