@@ -72,6 +72,9 @@ class Checkpoint:
         self.saved_at = None  # (iteration, log rows) of the newest checkpoint
         self.last_save_time = time.monotonic()
         self.saver = None
+        # Called before each write (rank 0): writes in flight elsewhere (curves.png) finish first, and
+        # their failure (OSError) stops the run here, before a checkpoint could follow it.
+        self.before_save = []
 
     def register(self, name, obj):
         self.objects[name] = obj
@@ -108,6 +111,8 @@ class Checkpoint:
         self.progress.all_sums = self.ranks.gather(self.progress.sums())
         if self.ranks.is_main:
             with disk_errors_stop_training(self.folder.path):
+                for wait in self.before_save:
+                    wait()
                 self.saver(engine)
                 self.folder.write_progress(self.progress.log, self.loop.status())
         self.saved_at = here

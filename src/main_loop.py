@@ -5,12 +5,14 @@ What fires, in order (the order of attachment, which `MainLoop.attach_extensions
     seeding, schedule    before each step: model randomness re-seeded from (seed, iteration); the
                          learning rate as a pure function of the iteration (src.optim)
     the step             forward, loss, backward, gradient clipping, optimizer step (src.recipe); sums
-                         kept on the device
+                         kept on the device; under fp16 through a gradient scaler (in the checkpoint)
     EMA                  after each step, when `ema` is on: the moving average of the weights
     Checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
                          at each epoch end (after its log row) and at the end; the two newest kept
-    validation, log      at each epoch end (the EMA's too), then the best model by validation accuracy
-                         (the EMA's weights and accuracy when it is on)
+    validation, log      at each epoch end the log row, with validation (the EMA's too) every `valid_every`
+                         epochs and at the last; then the best model by validation accuracy (the EMA's
+                         weights and accuracy when it is on)
+    figures              curves.png off the training thread, at most every `plot_every_seconds`, and at the end
     StopOnSignal         SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2: checkpoint after this step, exit 128 + N
     progress             a tqdm bar on a terminal, one line per epoch otherwise
 
@@ -36,11 +38,11 @@ from src.config import family
 from src.errors import RunError, UsageError
 from src.evaluation import validation_columns
 from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
-from src.hardware import choose_device, choose_precision
+from src.hardware import choose_device, choose_precision, grad_scaler, kernel_settings
 from src.model_size import model_size
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
-from src.monitoring import Monitors
+from src.monitoring import Monitors, format_row
 from src.optim import Clock, build_optimizer, learning_rate, parameter_groups, set_learning_rate
 from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
@@ -154,6 +156,7 @@ def run_main_loop(config, save_path, build_model=None):
                 torch.set_num_threads(config["num_threads"])
             device = choose_device(ranks.device_name(config["device"]))
             precision = choose_precision(config["precision"], device)
+            cleanup.enter_context(kernel_settings(device, config["deterministic"]))
             if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
                 ranks.on_main(lambda: decode_data_once(config))
             stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"],
@@ -237,10 +240,13 @@ class MainLoop:
         # The wrappers share their parameters with `model`, which checkpoints and evaluation use.
         self.forward = data_parallel(model, device, ranks)
         if config["compile"]:
-            self.forward = torch.compile(self.forward)
+            self.forward = torch.compile(self.forward, mode=config["compile_mode"])
         self.trainer = Engine(self.step)
         self.progress = Progress(device, ranks.rank, ranks.world_size)
         self.checkpoint = Checkpoint(self)
+        self.scaler = grad_scaler(device, precision)  # fp16 only; its skipped steps resume exactly
+        if self.scaler is not None:
+            self.checkpoint.register("scaler", self.scaler)
         self.recipe = Recipe.from_config(config)
         self.ema = EMA(model, config["ema"], self.checkpoint) if config["ema"] else None
         self.bar = None
@@ -251,7 +257,8 @@ class MainLoop:
         return self.config["n_epochs"] * len(self.stream)
 
     def step(self, engine, batch):
-        loss, logits = train_step(self.forward, self.optimizer, batch, self.device, self.precision, self.recipe)
+        loss, logits = train_step(self.forward, self.optimizer, batch, self.device, self.precision, self.recipe,
+                                  self.scaler)
         self.progress.add(loss, logits, scored_labels(batch), engine.state.iteration)
 
     def attach_extensions(self):
@@ -279,12 +286,15 @@ class MainLoop:
         if self.ema:
             self.say("ema: best_model.pt holds the moving average of the weights with the best ema_valid_acc")
         self.monitors = Monitors(self.folder, self.config["tensorboard"], self.trainer.state.iteration,
-                                 enabled=self.ranks.is_main)
+                                 enabled=self.ranks.is_main, plot_every_seconds=self.config["plot_every_seconds"])
+        self.checkpoint.before_save.append(self.monitors.settle)  # a failed drawing stops the run before a save
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.trainer.state.iteration + 1),
                                        self.report_start_up)
         self.stops.in_loop = True
         try:
             self.trainer.run(EpochData(self.stream, self.trainer), max_epochs=self.config["n_epochs"])
+            with disk_errors_stop_training(self.folder.path):  # finished or stopped by a signal: the whole log
+                self.monitors.finish(self.progress.log)
         finally:
             self.stops.in_loop = False
             self.monitors.close()
@@ -343,9 +353,10 @@ class MainLoop:
         train_seconds = p.train_seconds()
         valid_started = time.perf_counter()
         validate = [(self.model, "")] + ([(self.ema.model, "ema_")] if self.ema else [])
+        valid = self.valid if self.validates(len(p.log) + 1) else (self.valid[0][:0], self.valid[1][:0])  # None
         columns = {}
         for model, prefix in validate:
-            columns.update(validation_columns(model, *self.valid, self.device, self.precision,
+            columns.update(validation_columns(model, *valid, self.device, self.precision,
                                               4 * self.config["batch_size"], prefix))
         row = {"epoch": len(p.log) + 1, "iteration": engine.state.iteration, "train_loss": loss_sum / count,
                "train_acc": correct / count, **columns, "lr": self.optimizer.param_groups[0]["lr"],
@@ -360,6 +371,11 @@ class MainLoop:
                 with disk_errors_stop_training(self.folder.path):
                     save_tensors(best.state_dict(), self.folder.path / BEST_MODEL)
         self.say(format_row(row, self.config["n_epochs"]))
+
+    def validates(self, epoch):
+        """Every `valid_every` epochs and the last: a pure function of the epoch, so a resumed run validates
+        the same epochs. The others log None, and cannot become the best model."""
+        return epoch % self.config["valid_every"] == 0 or epoch >= self.config["n_epochs"]
 
     def draw(self, engine):
         with disk_errors_stop_training(self.folder.path):  # curves.png and TensorBoard, like the checkpoints
@@ -382,15 +398,3 @@ def seconds_since_process_start():
         return float(Path("/proc/uptime").read_text().split()[0]) - started
     except (OSError, ValueError, IndexError):
         return None
-
-
-def format_row(row, n_epochs):
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    ema = (f"ema valid loss {fmt(row['ema_valid_loss'], '.4f')} acc {fmt(row['ema_valid_acc'], '.4f')}  "
-           if "ema_valid_acc" in row else "")
-    return (f"epoch {row['epoch']}/{n_epochs}  iter {row['iteration']}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"valid loss {fmt(row['valid_loss'], '.4f')} acc {fmt(row['valid_acc'], '.4f')}  {ema}"
-            f"lr {row['lr']:.4g}  {row['epoch_seconds']:.1f} s  {row['images_per_second']:.0f} img/s")

@@ -31,10 +31,14 @@ class Recipe:
             return loss
         return lam * loss + (1 - lam) * F.cross_entropy(logits, partner_labels, label_smoothing=self.label_smoothing)
 
-    def clip(self, optimizer):
+    def clip(self, optimizer, scaler=None):
         """Clip the gradients' global norm to `grad_clip`, on the device (no host sync: the norm is never read
-        back). Under DDP the gradients are already averaged, so every rank clips alike."""
+        back). Under DDP the gradients are already averaged, so every rank clips alike. Under fp16 the
+        gradients are unscaled first, so the bound applies to the true gradients (the scaler then steps
+        without unscaling twice, and still skips a step whose gradients hold an inf)."""
         if self.grad_clip:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
 
@@ -52,15 +56,27 @@ def scored_labels(batch):
     return labels if lam >= 0.5 else partner_labels
 
 
-def train_step(forward, optimizer, batch, device, precision, recipe=PLAIN):
+def train_step(forward, optimizer, batch, device, precision, recipe=PLAIN, scaler=None):
     """One step on `batch` (the stream's: `(images, labels)`, under mixup `(images, labels, partner_labels,
-    lam)`); -> (loss, logits), both still on the device (no host sync). The main loop's step, and bench.py's."""
+    lam)`); -> (loss, logits), both still on the device (no host sync). The main loop's step, and bench.py's.
+
+    `scaler` (fp16: src.hardware.grad_scaler) scales the loss before the backward pass and skips the
+    optimizer step when a gradient is inf or NaN, then adapts its scale. The loss returned is the unscaled
+    one, so a skipped step is not a diverging loss. (GradScaler reads its inf flag on the host: one sync
+    per step, under fp16 only.)
+    """
     images, labels, *mixed = batch
     with autocast(device, precision):
         logits = forward(images)
     loss = recipe.loss(logits.float(), labels, *mixed)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    recipe.clip(optimizer)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        recipe.clip(optimizer)
+        optimizer.step()
+        return loss, logits
+    scaler.scale(loss).backward()
+    recipe.clip(optimizer, scaler)
+    scaler.step(optimizer)
+    scaler.update()
     return loss, logits

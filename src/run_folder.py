@@ -32,7 +32,8 @@ CHECKPOINTS, BEST_MODEL = "checkpoints", "best_model.pt"
 # Keys that may change when a run is resumed: they decide how long to train and how often to save or
 # log, not what is computed. n_epochs may grow to train further (a cosine or linear schedule then
 # stretches to the new end).
-RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every_seconds", "tensorboard")
+RESUMABLE_CHANGES = ("n_epochs", "checkpoint_every_n_batches", "checkpoint_every_seconds", "tensorboard",
+                     "plot_every_seconds")
 # What a run leaves once it has trained: with any of these there, the folder holds work to protect.
 PROGRESS_FILES = (LOG, STATUS, BEST_MODEL)
 # Everything a run or evaluate.py writes here; a folder holding anything else is not a run folder.

@@ -8,8 +8,11 @@ BENCH_SCRIPT = REPO / "src" / "scripts" / "bench.py"
 
 def test_bench_writes_every_measurement(tmp_path, data_dir):
     out = tmp_path / "bench.json"
+    import torch
+
+    quick_compile = ["--compile-modes", "default"] if torch.cuda.is_available() else []  # max-autotune: minutes
     result = run_script(BENCH_SCRIPT, "--n-images", "1200", "--repeats", "1", "--steps", "2", "--out", out,
-                        data_dir=data_dir)
+                        "--epoch-costs-of", "cifar10,resnet20", *quick_compile, data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     medians = saved["medians"]
@@ -23,7 +26,27 @@ def test_bench_writes_every_measurement(tmp_path, data_dir):
     assert "(h) stream + step, + EMA, mixup, cutout, label smoothing" in result.stdout
     assert "(h) the full recipe runs at" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("ratio (end-to-end epoch time")
-    assert saved["environment"]["precision"] in ("fp32", "bf16")
+    assert saved["environment"]["precision"] in ("fp32", "bf16", "fp16")
+    # Issue 13: the per-epoch fixed cost, in seconds and as a share of each model's training epoch.
+    costs = saved["epoch_costs"]
+    assert [row["config"] for row in costs["models"]] == ["cifar10", "resnet20"]
+    for row in costs["models"]:
+        parts = ("validation", "best_model", "checkpoint", "tensorboard")
+        assert all(row[part] > 0 for part in parts) and row["training_epoch"] > 0
+        assert row["fixed"] == sum(row[part] for part in parts)
+        assert row["share"] == row["fixed"] / row["training_epoch"]
+    assert costs["curves_drawing"] > 0 and costs["plot_every_seconds"] == 60
+    assert costs["curves_share_at_most"] == costs["curves_drawing"] / 60
+    assert medians["loop_fixed_seconds"] > 0 and medians["loop_fixed_share"] > 0
+    assert "per-epoch fixed cost" in result.stdout and "curves.png:" in result.stdout
+    # fp16 and torch.compile's modes are CUDA rows; on a CPU they say they were skipped.
+    cuda = saved["environment"]["device"].startswith("cuda")
+    assert (medians["bare_fp16"] is not None) == cuda
+    assert list(saved["compile"]) == ["default"] if cuda else saved["compile"] is None
+    if cuda:
+        assert saved["compile"]["default"]["compile_seconds"] > 0
+        assert "torch.compile mode=default:" in result.stdout
+    assert ("skipped on a CPU" in result.stdout) != cuda
 
 
 def test_bench_models_counts_parameters_and_macs_and_times_the_step(tmp_path, data_dir):

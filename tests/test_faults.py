@@ -1,5 +1,6 @@
 """Faults a run meets on a shared cluster: kills at any instant, signals, a full disk, a diverging loss."""
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -100,6 +101,69 @@ def test_killed_with_every_recipe_knob_on_resumes_bit_identical(recipe_reference
     assert "ema_valid_acc" in a["progress"]["log"][-1]
     best_a, best_b = (load_tensors(r / "best_model.pt") for r in (recipe_reference, run))  # the EMA's, both
     assert all(torch.equal(value, best_b[key]) for key, value in best_a.items())
+
+
+# Issue 13: fp16 (autocast + GradScaler) on the CPU, with the new keys at non-default values. After its first
+# epoch the scaler's scale is set to 2**24 and its growth interval to 2 (in the checkpoint): the first ~7
+# steps then overflow (inf gradients, skipped), and from then on the scale grows every 2 good steps and
+# overflows again, so skipped steps land all over the run, next to checkpoints and kills.
+FP16 = ["--precision=fp16", "--grad_clip=1.0", "--valid_every=3", "--plot_every_seconds=1e9", "--deterministic=true"]
+OVERFLOWING_SCALE = 2.0 ** 24
+
+
+@pytest.fixture(scope="module")
+def fp16_start(tmp_path_factory, data_dir):
+    """One fp16 epoch, then a scaler made to overflow, saved into its newest checkpoint."""
+    path = tmp_path_factory.mktemp("fp16_start") / "run"
+    result = run_script(TRAIN_SCRIPT, "cifar10", path, *TINY, *RESUMABLE, *FP16, "--n_epochs=1", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    newest = list_checkpoints(path / "checkpoints")[0]
+    contents = load_tensors(newest)
+    assert contents["scaler"]["scale"] == 2.0 ** 16  # GradScaler's start, no overflow yet in this tiny model
+    contents["scaler"].update(scale=OVERFLOWING_SCALE, growth_interval=2)
+    save_tensors(contents, newest, checksum=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp16_reference(fp16_start, tmp_path_factory, data_dir):
+    path = tmp_path_factory.mktemp("fp16_reference") / "run"
+    shutil.copytree(fp16_start, path)
+    result = run_script(TRAIN_SCRIPT, "cifar10", path, *TINY, *RESUMABLE, *FP16, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_fp16_with_skipped_steps_killed_anywhere_resumes_bit_identical(fp16_start, fp16_reference, data_dir,
+                                                                        tmp_path):
+    """kill -9 again and again through fp16 steps that the scaler skips: weights, momentum, the scaler's state
+    and the log (epoch 2 unvalidated, valid_every=3) end bit for bit as in an uninterrupted run."""
+    run = tmp_path / "run"
+    shutil.copytree(fp16_start, run)
+    args = ["cifar10", run, *TINY, *RESUMABLE, *FP16, "--checkpoint_every_n_batches=2"]
+    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(13))
+    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
+    assert_identical(fp16_reference, run)
+    a, b = (load_tensors(list_checkpoints(r / "checkpoints")[0]) for r in (fp16_reference, run))
+    assert a["scaler"] == b["scaler"]
+    assert a["scaler"]["scale"] < OVERFLOWING_SCALE  # only skipped steps lower the scale: some were skipped
+    rows = a["progress"]["log"]
+    assert [row["valid_acc"] is None for row in rows] == [False, True, False]  # epoch 1 was its session's last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="deterministic=true is a promise about CUDA kernels")
+def test_cuda_deterministic_run_killed_anywhere_resumes_bit_identical(data_dir, tmp_path):
+    """On a GPU, deterministic=true (no cuDNN autotuning, deterministic algorithms) keeps the exact-resume
+    contract: killed four times, the run ends bit for bit as an uninterrupted one."""
+    cuda = ["--device=cuda", "--deterministic=true"]
+    reference = tmp_path / "reference"
+    result = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *cuda, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, *cuda, "--checkpoint_every_n_batches=2"]
+    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(7))
+    assert kills == N_RECIPE_KILLS
+    assert_identical(reference, run)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGUSR1, signal.SIGUSR2])

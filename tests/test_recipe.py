@@ -233,6 +233,45 @@ def test_grad_clip_bounds_the_global_norm_of_the_gradients_the_step_uses():
     assert norms[0.05] == pytest.approx(0.05, rel=1e-4)
 
 
+# ------------------------------------------------------------------ fp16: the gradient scaler (issue 13)
+
+
+def fp16_step(model, optimizer, scaler, recipe=PLAIN, seed=5):
+    images, labels = images_and_labels(16, seed=seed)
+    return train_step(model, optimizer, (images.float() / 255, labels), CPU, "fp16", recipe, scaler)
+
+
+def test_fp16_step_with_inf_gradients_is_skipped_and_its_loss_stays_finite():
+    """A scale that overflows the fp16 gradients: the optimizer step is skipped (weights and momentum as they
+    were), the scale is halved, and the loss the loop sees is the true one, so no divergence is reported."""
+    model = tiny_model()
+    model(torch.zeros(1, 3, 32, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    fp16_step(model, optimizer, scaler)  # a normal step: momentum exists
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    scaler.update(2.0 ** 40)
+    loss, logits = fp16_step(model, optimizer, scaler, Recipe(grad_clip=1.0), seed=6)
+    assert torch.isfinite(loss) and loss > 0 and logits.dtype == torch.float16
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(m, optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, model.parameters(),
+                                                                                      strict=True))
+    assert scaler.get_scale() == 2.0 ** 39
+
+
+def test_fp16_clipping_bounds_the_unscaled_gradients():
+    """Clipping must see the true gradients: unscaled first, else it would clip gradients 65536 times too big."""
+    model = tiny_model()
+    model(torch.zeros(1, 3, 32, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    fp16_step(model, optimizer, scaler, Recipe(grad_clip=0.05))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert norm == pytest.approx(0.05, rel=1e-3)
+    assert scaler.get_scale() == 2.0 ** 16  # the step was taken, not skipped
+
+
 # ------------------------------------------------------------------ every knob reaches the run
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -257,3 +258,134 @@ def test_resuming_on_another_device_or_precision_warns(train_here, tmp_path):
     assert resumed.returncode == 0
     assert "will not match an uninterrupted run bit for bit" in resumed.stdout
     assert len(json.loads((run / "meta.json").read_text())["sessions"]) == 2
+
+
+# ------------------------------------------------------------------ per-epoch bookkeeping (issue 13)
+
+
+def test_valid_every_validates_every_nth_epoch_and_the_last(train_here, tmp_path):
+    """Unvalidated epochs log None (the EMA's columns too) and never become the best model; the last epoch is
+    always validated; the run table still finds the best and last accuracy."""
+    from src.analysis import load_runs
+
+    run = tmp_path / "run"
+    result = train_here(run, "--n_epochs=5", "--valid_every=2", "--ema=0.5")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    validated = [row["epoch"] for row in rows if row["valid_acc"] is not None]
+    assert validated == [2, 4, 5]
+    assert [row["epoch"] for row in rows if row["ema_valid_acc"] is not None] == validated
+    assert all(row["valid_loss"] is None for row in rows if row["epoch"] not in validated)
+    status = json.loads((run / "status.json").read_text())
+    assert status["finished"] and status["best_valid_acc"] == max(rows[e - 1]["ema_valid_acc"] for e in validated)
+    assert "valid loss - acc -" in result.stdout
+    table = load_runs(tmp_path)
+    assert table["best_valid_acc"][0] == pytest.approx(max(rows[e - 1]["valid_acc"] for e in validated))
+    assert table["last_valid_acc"][0] == pytest.approx(rows[-1]["valid_acc"])
+
+
+def drawings(monkeypatch):
+    """The number of log rows of every curves.png drawing, in order (the real drawing still happens)."""
+    import src.plots
+
+    calls, real = [], src.plots.plot_curves
+    monkeypatch.setattr(src.plots, "plot_curves", lambda log, path, title: (calls.append(len(log)),
+                                                                            real(log, path, title)))
+    return calls
+
+
+def test_curves_are_drawn_at_the_first_epoch_then_at_most_every_n_seconds_and_at_the_end(train_here, tmp_path,
+                                                                                          monkeypatch):
+    calls = drawings(monkeypatch)
+    assert train_here(tmp_path / "rare", "--n_epochs=4", "--plot_every_seconds=1e9").returncode == 0
+    assert calls == [1, 4]  # the first epoch, then only the end
+    assert (tmp_path / "rare" / "curves.png").stat().st_size > 10_000
+    calls.clear()
+    assert train_here(tmp_path / "often", "--n_epochs=4", "--plot_every_seconds=0").returncode == 0
+    assert calls[0] == 1 and calls[-1] == 4 and calls == sorted(set(calls))  # every epoch whose turn was free
+    calls.clear()  # when to draw may change on resume, like when to save: it changes nothing computed
+    assert train_here(tmp_path / "rare", "--n_epochs=5", "--plot_every_seconds=0").returncode == 0
+    assert calls == [5]
+
+
+def test_a_drawing_that_cannot_be_written_stops_the_run_in_one_line(train_here, tmp_path, monkeypatch):
+    """Drawn off the training thread, a full disk at curves.png is still one line, exit 1, before the next save."""
+    import errno
+
+    import src.plots
+
+    def full(log, path, title):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(src.plots, "plot_curves", full)
+    run = tmp_path / "run"
+    result = train_here(run, "--checkpoint_every_n_batches=4")
+    assert result.returncode == 1
+    assert result.stderr == (f"error: cannot write {run / 'curves.png'} (No space left on device); training stopped, "
+                             "the previous checkpoint is kept; free some space (or fix the folder) and rerun the "
+                             "same command to resume\n")
+    assert [int(p.stem.split("_")[1]) for p in list_checkpoints(run / "checkpoints")] == [15, 12]
+
+
+def test_a_run_stopped_by_a_signal_draws_its_whole_log(data_dir, tmp_path):
+    """Epoch 2 is not due for a drawing (plot_every_seconds=1e9); SIGTERM in epoch 3 draws both epochs."""
+    from src.plots import plot_curves
+    import pandas as pd
+
+    run = tmp_path / "run"
+    process = start_script(TRAIN_SCRIPT, "cifar10", run, *TINY, *RESUMABLE, "--plot_every_seconds=1e9",
+                           data_dir=data_dir)
+    wait_for_mid_epoch_checkpoint(process, run, after_iteration=30)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    expected = tmp_path / "expected.png"
+    plot_curves(pd.DataFrame(rows), expected, title="run: learning curves")
+    assert (run / "curves.png").read_bytes() == expected.read_bytes()
+
+
+def test_fp16_the_device_cannot_run_is_refused_in_one_line_before_anything_is_written(train_here, tmp_path,
+                                                                                       monkeypatch):
+    import src.hardware
+
+    def no_half(device, precision):
+        raise RuntimeError("no fp16 kernels here")
+
+    monkeypatch.setattr(src.hardware, "autocast", no_half)
+    run = tmp_path / "run"
+    result = train_here(run, "--precision=fp16")
+    assert result.returncode == 1
+    assert result.stderr == ("error: --precision=fp16 does not run on cpu (no fp16 kernels here); "
+                             "use --precision=auto or fp32\n")
+    assert not (run / "config.json").exists()
+
+
+def test_fp16_under_torchrun_skips_overflowing_steps_on_every_rank_alike(data_dir, tmp_path):
+    """DDP averages the scaled gradients before the scaler looks at them, so every rank skips the same steps:
+    a run whose scale overflows again and again ends normally, its scaler in the checkpoint."""
+    import sys
+
+    from conftest import REPO, script_env
+    from src.checkpoint import save_tensors
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(TRAIN_SCRIPT), "cifar10", *map(str, args)]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=script_env(data_dir),
+                              timeout=300)
+
+    run = tmp_path / "run"
+    args = [run, *TINY, *RESUMABLE, "--precision=fp16", "--grad_clip=1.0"]
+    first = torchrun(*args, "--n_epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    newest = list_checkpoints(run / "checkpoints")[0]
+    contents = load_tensors(newest)
+    contents["scaler"].update(scale=2.0 ** 24, growth_interval=2)
+    save_tensors(contents, newest, checksum=True)
+    rest = torchrun(*args)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    final = load_tensors(list_checkpoints(run / "checkpoints")[0])
+    assert final["scaler"]["scale"] < 2.0 ** 24 and len(final["progress"]["log"]) == 3
+    assert all(torch.isfinite(value).all() for value in final["model"].values() if value.is_floating_point())

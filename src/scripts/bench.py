@@ -1,5 +1,7 @@
-"""make bench: what one training step of the default model costs, what a whole epoch costs around it, and
-what the full regularisation recipe (EMA, mixup, cutout, label smoothing) costs on top of the plain step.
+"""make bench: what one training step of the default model costs, what a whole epoch costs around it, what
+the full regularisation recipe (EMA, mixup, cutout, label smoothing) costs on top of the plain step, what
+each epoch's bookkeeping costs for every reference model (bench_epoch_costs.py), and on CUDA the fp16 step
+and torch.compile's modes (compile time apart).
 
 Everything is measured in one process, interleaved (one round of every measurement, then the
 next round), and reported as medians, so that a noisy shared machine moves all rows alike. The
@@ -17,6 +19,7 @@ os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.extensions import EMA  # noqa: E402
+from src.hardware import grad_scaler  # noqa: E402
 from src.main_loop import build_training_model, train_step  # noqa: E402  (the loop's own step, timed bare)
 from src.models import build_model  # noqa: E402
 from src.recipe import PLAIN, Recipe  # noqa: E402
@@ -24,6 +27,8 @@ from src.recipe import PLAIN, Recipe  # noqa: E402
 # The recipe row: the papers' CIFAR-10 values (cutout 16, mixup alpha 1, smoothing 0.1) and a usual EMA decay.
 RECIPE = {"ema": 0.999, "mixup": 1.0, "cutout": 16, "label_smoothing": 0.1}
 
+# torch.compile's modes timed on CUDA (on a CPU only `default`, and only with --compile-too: 29 s to compile there).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 SCRATCH = "scratch"
 RESULT_FILE = "scratch/bench.json"
 
@@ -62,18 +67,24 @@ class Bench:
         self.batches = [batch for _, batch in zip(range(steps), self.stream.epoch(1), strict=False)]
         self.fp32 = make_model(config, self.stream, device, "fp32")
         self.best = make_model(config, self.stream, device, precision)
+        self.scaler = grad_scaler(device, precision)  # fp16 (auto on a GPU without bf16): the loop's scaler
+        # On CUDA, fp16 with its scaler whatever auto picks: the choice on a V100, T4 or P100.
+        self.fp16 = make_model(config, self.stream, device, "fp16") if device.type == "cuda" else None
+        self.fp16_scaler = grad_scaler(device, "fp16") if self.fp16 else None
         self.recipe_stream = copy.copy(self.stream).regularise(RECIPE["cutout"], RECIPE["mixup"])  # same data
         self.recipe = Recipe(label_smoothing=RECIPE["label_smoothing"])
         self.ema = EMA(self.best[0], RECIPE["ema"])
         for _ in range(3):  # warm-up: kernels chosen, memory allocated
             self.bare(*self.fp32, "fp32")
-            self.bare(*self.best, precision)
+            self.bare(*self.best, precision, self.scaler)
+            if self.fp16:
+                self.bare(*self.fp16, "fp16", self.fp16_scaler)
             self.recipe_off()
             self.recipe_on()
 
-    def bare(self, model, optimizer, precision):
+    def bare(self, model, optimizer, precision, scaler=None):
         for batch in self.batches:
-            train_step(model, optimizer, batch, self.device, precision)
+            train_step(model, optimizer, batch, self.device, precision, scaler=scaler)
 
     def stream_and_step(self, stream, recipe, ema):
         """`steps` batches drawn from `stream` and stepped on the best model, as the main loop's step does."""
@@ -81,7 +92,7 @@ class Bench:
 
         def run():
             for _, batch in zip(range(self.steps), stream.epoch(3), strict=False):
-                train_step(model, optimizer, batch, self.device, self.precision, recipe)
+                train_step(model, optimizer, batch, self.device, self.precision, recipe, self.scaler)
                 if ema is not None:
                     ema.update()
 
@@ -99,7 +110,15 @@ class Bench:
         return time_images(lambda: self.bare(*self.fp32, "fp32"), self.n_bare_images, self.device)
 
     def bare_best(self):
-        return time_images(lambda: self.bare(*self.best, self.precision), self.n_bare_images, self.device)
+        return time_images(lambda: self.bare(*self.best, self.precision, self.scaler), self.n_bare_images,
+                           self.device)
+
+    def bare_fp16(self):
+        """CUDA only (None elsewhere): fp16 autocast with its gradient scaler, channels_last."""
+        if self.fp16 is None:
+            return None
+        return time_images(lambda: self.bare(*self.fp16, "fp16", self.fp16_scaler), self.n_bare_images,
+                           self.device)
 
     @property
     def n_bare_images(self):
@@ -175,7 +194,7 @@ class Bench:
         def run():
             for _, (images, labels) in zip(range(self.steps), batches, strict=False):
                 train_step(model, optimizer, (images.to(self.device), labels.to(self.device)), self.device,
-                           self.precision)
+                           self.precision, scaler=self.scaler)
 
         return time_images(run, self.steps * self.config["batch_size"], self.device)
 
@@ -208,13 +227,19 @@ class PilCifar:
 
 
 def median(values):
+    if any(value is None for value in values):  # a row this device skips
+        return None
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
 
 
 @exit_codes
-def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False):
-    """Measure the default model's bare step against the main loop, on a learnable CIFAR-10-format archive."""
+def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False, compile_modes=None,
+         epoch_costs_of=None):
+    """Measure the default model's bare step against the main loop, on a learnable CIFAR-10-format archive.
+    `compile_modes`: torch.compile's modes to time (comma-separated; default both of COMPILE_MODES on CUDA,
+    none on a CPU, `default` there with --compile-too). `epoch_costs_of`: the configs (comma-separated) whose
+    per-epoch fixed cost is measured; default all."""
     import json
     import platform
 
@@ -222,24 +247,32 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
 
     from configs.simple_cnn import simple_cnn_configs
     from src.cifar_writer import write_cifar
-    from src.hardware import choose_device, choose_precision
+    from src.hardware import choose_device, choose_precision, kernel_settings
+    from src.scripts import bench_epoch_costs
 
     # The default config; the validation share of the training images is kept at its 5,000 of 50,000.
     config = {**simple_cnn_configs.get("cifar10"), "valid_size": n_images // 10}
     device = choose_device(config["device"])
     precision = choose_precision(config["precision"], device)
     Path(SCRATCH).mkdir(exist_ok=True)  # the project's disk, as run folders are: /tmp may be a tmpfs
-    with tempfile.TemporaryDirectory(dir=SCRATCH) as data_dir:
+    # The kernels the loop runs with at the default keys (CUDA: cudnn.benchmark on; a CPU: nothing changes).
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as data_dir, kernel_settings(device, config["deterministic"]):
         write_cifar("cifar10", data_dir, n_train=n_images, n_test=100)
         bench = Bench(config, Path(data_dir), steps, device, precision)
-        rounds = {name: [] for name in ("bare_fp32", "bare_best", "bare_best_one_thread", "stream_only",
+        rounds = {name: [] for name in ("bare_fp32", "bare_best", "bare_fp16", "bare_best_one_thread", "stream_only",
                                         "end_to_end", "per_sample_reference", "evaluation", "checkpoint_ms",
                                         "recipe_off", "recipe_on")}
         for r in range(repeats):
             for name, values in rounds.items():
                 values.append(getattr(bench, name)())
             print(f"round {r + 1}/{repeats} done", file=sys.stderr)
-        compiled = measure_compile(bench) if compile_too else None
+        if compile_modes is not None:
+            modes = [mode for mode in compile_modes.split(",") if mode]
+        else:
+            modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:1] if compile_too else ()
+        compiled = {mode: measure_compile(bench, mode) for mode in modes} or None
+        only = set(epoch_costs_of.split(",")) if epoch_costs_of else None
+        epoch_costs = bench_epoch_costs.measure(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
 
     result = {name: median(values) for name, values in rounds.items() if name != "end_to_end"}
     result["end_to_end_epoch"] = median([v["epoch"] for v in rounds["end_to_end"]])
@@ -249,6 +282,11 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     epoch_ms_default = 1000 * 45000 / result["end_to_end_epoch"]
     result["checkpoint_share_of_default_epoch"] = result["checkpoint_ms"] / epoch_ms_default
     result["recipe_fraction"] = result["recipe_on"] / result["recipe_off"]
+    # The default model's epoch in the loop beyond its training steps (validation, saves, log, TensorBoard).
+    epoch_images = len(bench.stream) * bench.stream.batch_size
+    result["loop_fixed_seconds"] = epoch_images / result["end_to_end_epoch"] - epoch_images / result[
+        "end_to_end_training"]
+    result["loop_fixed_share"] = result["end_to_end_training"] / result["end_to_end_epoch"] - 1
     environment = {"device": str(device), "precision": precision, "channels_last": bench.channels_last,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine(), "batch_size": config["batch_size"],
@@ -256,26 +294,30 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     if device.type == "cuda":
         environment["gpu"] = torch.cuda.get_device_name(device)
     print_table(result, environment, compiled)
+    bench_epoch_costs.print_table(epoch_costs, result["loop_fixed_seconds"], result["loop_fixed_share"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"medians": result, "rounds": rounds, "environment": environment,
-                                     "compile": compiled}, indent=2) + "\n")
+                                     "compile": compiled, "epoch_costs": epoch_costs}, indent=2) + "\n")
     print(f"saved {out}")
     print(f"ratio (end-to-end epoch time / bare {precision} step time, per image): {result['ratio']:.3f}")
 
 
-def measure_compile(bench):
-    """torch.compile of the training forward: compile time, then the steady-state rate."""
+def measure_compile(bench, mode):
+    """torch.compile of the training forward in `mode`, as `compile=true` does: the compile time (the first
+    step, apart), then the steady-state rate against eager, measured alike just after."""
     import torch
 
+    torch._dynamo.reset()  # each mode compiles afresh
     model, optimizer = make_model(bench.config, bench.stream, bench.device, bench.precision)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=mode)
+    scaler = grad_scaler(bench.device, bench.precision)
     started = time.perf_counter()
-    train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision)
+    train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision, scaler=scaler)
     synchronize(bench.device)
     compile_seconds = time.perf_counter() - started
     for _ in range(3):
-        train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision)
-    rates = [time_images(lambda: bench.bare(compiled, optimizer, bench.precision), bench.n_bare_images,
+        train_step(compiled, optimizer, bench.batches[0], bench.device, bench.precision, scaler=scaler)
+    rates = [time_images(lambda: bench.bare(compiled, optimizer, bench.precision, scaler), bench.n_bare_images,
                          bench.device) for _ in range(3)]
     eager = [bench.bare_best() for _ in range(3)]
     return {"compile_seconds": compile_seconds, "compiled_images_per_second": median(rates),
@@ -309,10 +351,17 @@ def print_table(result, environment, compiled):
           f"{result['recipe_on'] / best:12.2f}")
     print(f"(h) the full recipe runs at {result['recipe_fraction']:.3f} of the plain step's rate "
           f"({100 * (1 / result['recipe_fraction'] - 1):+.1f}% time per image)")
-    if compiled:
-        print(f"torch.compile: {compiled['compile_seconds']:.1f} s to compile, "
-              f"{compiled['compiled_images_per_second']:.0f} images/s compiled vs "
-              f"{compiled['eager_images_per_second']:.0f} eager")
+    if result["bare_fp16"] is not None:
+        print(f"{'(a) bare step, fp16 autocast + GradScaler, channels_last':72}{result['bare_fp16']:10.0f}"
+              f"{result['bare_fp16'] / best:12.2f}")
+    else:
+        print("(a) bare step, fp16 + GradScaler: CUDA only, skipped on this device")
+    for mode, row in (compiled or {}).items():
+        rate, eager = row["compiled_images_per_second"], row["eager_images_per_second"]
+        print(f"torch.compile mode={mode}: {row['compile_seconds']:.1f} s to compile, {rate:.0f} images/s compiled "
+              f"vs {eager:.0f} eager ({rate / eager:.2f}x)")
+    if not compiled:
+        print("torch.compile: skipped on a CPU (29 s to compile, slower here); --compile-too measures mode default")
     print(f"(d) ratio, whole epoch vs best bare step: {result['ratio']:.3f}")
 
 
