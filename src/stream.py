@@ -45,8 +45,9 @@ def split_train_valid(n_train, valid_size, n_examples, seed):
 class TrainStream:
     """Batches of (uint8 images, labels) for one epoch, from any batch on; the model standardises them.
 
-    Order and augmentation are pure functions of (seed, epoch, batch): `epoch(e, start_batch=b)`
-    yields exactly what an uninterrupted epoch yields from batch b on. The last partial batch of
+    Order and augmentation are pure functions of (seed, epoch, batch) (an alternating flip: of (seed,
+    image) and the epoch's parity), so `epoch(e, start_batch=b)` yields exactly what an uninterrupted
+    epoch yields from batch b on. The last partial batch of
     each epoch's permutation is dropped (a different remainder each epoch). With `shard=(rank,
     world_size)` it yields that rank's contiguous slice of every global batch, augmented exactly as
     a single process would augment those images.
