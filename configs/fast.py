@@ -58,6 +58,7 @@ fast_configs.set_root(
 # 0.0153 / 11.5: lr * (mean gradient + wd * w) is then airbench's step exactly.
 AIRBENCH_RECIPE = dict(dataset="cifar10", optimizer="nesterov", lr=1.5, momentum=0.85, weight_decay=0.0153 / 11.5,
                        batch_size=1024, label_smoothing=0.2, lr_schedule="triangle", n_epochs=10, augment=True,
+                       crop_padding=2, crop_padding_mode="reflect", flip="alternate",  # its translate=2, flip=True
                        lookahead_every=5, lookahead_decay=0.95)
 # The baseline to start from: the recipe with the usual 5,000 validation images held out.
 fast_configs.derive("fast", **AIRBENCH_RECIPE, valid_size=5000)

@@ -4,7 +4,7 @@ New keys default to what the code did before they existed ("off"), so that a run
 before a key was added resumes with the same behaviour (see src.config.ConfigRegistry.complete).
 """
 from src.data import dataset_entry, dataset_names, training_set_size
-from src import optim
+from src import optim, stream
 
 TRAINING_ROOT = {
     "dataset": "cifar10",  # a name in src.data.DATASETS: cifar10 | cifar100
@@ -23,7 +23,10 @@ TRAINING_ROOT = {
     "schedule_unit": "epochs",  # epochs | iterations: the unit of lr_milestones and warmup
     "optimizer": "sgd",  # a name in src.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
     "adam_beta2": 0.999,  # adamw only
-    "augment": True,  # random crop (padding 4) and horizontal flip
+    "augment": True,  # random crop and horizontal flip, as the next three keys say; false = neither
+    "crop_padding": 4,  # the crop's padding: a random translation by up to this many pixels each way; 0 = none
+    "crop_padding_mode": "zeros",  # zeros | reflect (the image mirrored at its border, as airbench94 pads)
+    "flip": "random",  # random (per image and batch) | alternate (per image every other epoch, airbench94's) | none
     "cutout": 0,  # side of the square cut out of each training image (DeVries & Taylor 2017); 0 = off
     "mixup": 0.0,  # mixup's alpha (Zhang et al. 2018); 0 = off
     "label_smoothing": 0.0,  # of the training loss; 0 = off
@@ -55,13 +58,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
                  "compile_mode": COMPILE_MODES,
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
+AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.stream's words
 
 
 def choices():
     """Allowed values of the keys that take one of a few words, read from the registries at call time (a
     dataset, optimizer or schedule registered by a researcher counts at once)."""
     return {"dataset": tuple(dataset_names()), "label_mode": label_modes(), "lr_schedule": tuple(optim.SCHEDULES),
-            "optimizer": tuple(optim.OPTIMIZERS), **FIXED_CHOICES}
+            "optimizer": tuple(optim.OPTIMIZERS), **FIXED_CHOICES, **AUGMENT_CHOICES}
 
 
 def label_modes():
@@ -81,6 +85,7 @@ def training_problems(config):
     if not 0 <= config["adam_beta2"] < 1:
         problems.append(f"--adam_beta2 must be in [0, 1), not {config['adam_beta2']}")
     problems += recipe_problems(config)
+    problems += augment_problems(config)
     if config["n_examples"] == 0 or config["n_examples"] < -1:
         problems.append(f"--n_examples must be -1 (all) or at least 1, not {config['n_examples']}")
     if config["num_threads"] < 0:
@@ -132,6 +137,13 @@ def recipe_problems(config):
         if not 0 <= config[key] < 1:
             problems.append(f"--{key} must be in [0, 1), not {config[key]}")
     return problems
+
+
+def augment_problems(config):
+    """The crop's keys (crop_padding_mode and flip are checked with the other words, in `choices`)."""
+    if 0 <= config["crop_padding"] < 32:  # a reflection needs the padding inside the image; more is all padding
+        return []
+    return [f"--crop_padding must be in [0, 31] (pixels; less than the image's side, 32), not {config['crop_padding']}"]
 
 
 # The checks every model family makes of its own keys (configs/<family>.py).

@@ -162,6 +162,7 @@ def run_main_loop(config, save_path, build_model=None):
             stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"],
                                         device, config["valid_size"], config["n_examples"], config["label_mode"],
                                         shard=(ranks.rank, ranks.world_size))
+            stream.augmentation(config["crop_padding"], config["crop_padding_mode"], config["flip"])
             stream.regularise(config["cutout"], config["mixup"])
             if stream.batch_size % ranks.world_size:
                 raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "

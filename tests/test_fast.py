@@ -4,6 +4,7 @@ Sizes, the whitening and the optimizer groups are checked without data (fast); t
 net on the tiny CIFAR archives: it learns, its whitening comes from the training split alone, its
 whitening bias stops training when the recipe says, and a run killed mid-epoch resumes bit for bit."""
 import importlib
+import json
 import signal
 
 import numpy as np
@@ -256,11 +257,17 @@ def test_the_whitening_comes_from_the_training_split_and_its_bias_stops_after_it
     assert not torch.equal(epoch_ends[0]["head.weight"], epoch_ends[1]["head.weight"])
 
 
-def test_a_fast_run_killed_mid_epoch_resumes_bit_identically(train_fast, data_dir, tmp_path):
+@pytest.mark.parametrize(("augmentation", "saved_as"), [
+    ([], {"crop_padding": 2, "crop_padding_mode": "reflect", "flip": "alternate"}),
+    (["--crop_padding=5", "--flip=none"], {"crop_padding": 5, "crop_padding_mode": "reflect", "flip": "none"}),
+], ids=["airbench94s", "reflect-5-no-flip"])
+def test_a_fast_run_killed_mid_epoch_resumes_bit_identically(train_fast, data_dir, tmp_path, augmentation, saved_as):
     # 15 batches an epoch (what wait_for_mid_epoch_checkpoint counts in), a checkpoint every 4; the whitening
-    # bias freezes at the start of epoch 2, after the kill or before it.
+    # bias freezes at the start of epoch 2, after the kill or before it. The `fast` config's augmentation (2-pixel
+    # reflect padding, alternate flip: epoch 2 flips exactly the images epoch 1 did not) resumes bit for bit,
+    # and so do other values of its keys.
     args = [*NARROW, "--n_examples=150", "--batch_size=10", "--valid_size=50", "--n_epochs=2",
-            "--checkpoint_every_n_batches=4", "--whiten_bias_epochs=1"]
+            "--checkpoint_every_n_batches=4", "--whiten_bias_epochs=1", *augmentation]
     killed = tmp_path / "killed"
     process = start_script(REPO / "src" / "scripts" / "train_fast.py", "fast", killed, *args, data_dir=data_dir)
     wait_for_mid_epoch_checkpoint(process, killed)
@@ -270,3 +277,5 @@ def test_a_fast_run_killed_mid_epoch_resumes_bit_identically(train_fast, data_di
     assert "resuming from" in train_fast(killed, *args)  # one thread, as the killed process
     train_fast(tmp_path / "straight", *args)
     assert_identical(tmp_path / "straight", killed)
+    saved = json.loads((killed / "config.json").read_text())
+    assert {key: saved[key] for key in saved_as} == saved_as
