@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, RESUMABLE, TINY, assert_identical, script_env, wait_for_mid_epoch_checkpoint
 from configs.simple_cnn import simple_cnn_configs
 from src.errors import UsageError
-from src.sweep import TrainingJob, expand_grid, plan_sweep, slurm_parameters
+from src.sweep import TrainingJob, expand_grid, plan_sweep
+from src.sweep_slurm import slurm_parameters
 
 SWEEP_SCRIPT = REPO / "src" / "scripts" / "sweep.py"
 ROOT = simple_cnn_configs.root
