@@ -19,13 +19,13 @@ ROOT = simple_cnn_configs.root
 GRID_ARGS = [w for w in TINY + RESUMABLE if not w.startswith("--n_filters")] + ["--n_filters=8,4"]
 
 
-def sweep(data_dir, *args, wait=True):
+def sweep(data_dir, *args, wait=True, **extra_env):
     command = [sys.executable, str(SWEEP_SCRIPT), *map(str, args)]
+    env = script_env(data_dir, **extra_env)
     if wait:
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=script_env(data_dir),
-                              timeout=300)
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env(data_dir), start_new_session=True)
+                            env=env, start_new_session=True)
 
 
 def test_grid_expands_every_combination_typed_by_the_root():
@@ -171,3 +171,15 @@ def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
         result = sweep(data_dir, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_slurm_job_that_left_no_result_reads_as_slurm_s_reason(tmp_path):
+    """A job that ended without a result (time limit, scancel, node failure): Slurm's one line, no log path."""
+    from src.sweep_slurm import job_error
+
+    folder = tmp_path / ".submitit"
+    (folder / "7_1").mkdir(parents=True)
+    (folder / "7_1" / "7_1_0_log.err").write_text(
+        "epoch 1/3\nslurmstepd: error: *** JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT ***\n")
+    assert job_error(folder, "7_1") == "Slurm: JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT; " \
+                                      "rerun the sweep to resume it"
