@@ -46,59 +46,54 @@ def squeue(*args):
     return done.stdout.splitlines()
 
 
-def recorded_arrays(sweep_dir):
-    """{array job id: [run folder of task 0, 1, ...]} for every array this sweep folder submitted."""
+def recorded_jobs(sweep_dir):
+    """{job id ('ARRAY_TASK', or 'JOB' for a single point): run folder} of every job this sweep folder submitted."""
     from src.files import read_json
 
-    arrays = {}
+    jobs = {}
     for path in sorted((Path(sweep_dir) / ".submitit").glob("array_*.json")):
         try:
-            arrays[path.stem[len("array_"):]] = [str(p) for p in read_json(path)]
-        except (OSError, ValueError, TypeError):
+            jobs.update({str(job_id): str(folder) for job_id, folder in read_json(path).items()})
+        except (OSError, ValueError, TypeError, AttributeError):
             continue  # unreadable: its jobs are not counted as live, at worst a point is submitted twice
-    return arrays
+    return jobs
 
 
-def live_tasks(job_name, arrays):
-    """{(array id, task id): state} of the recorded arrays' tasks that Slurm still has pending or running."""
-    if not arrays:
+def live_jobs(job_name, job_ids):
+    """{job id: state} of those of `job_ids` that Slurm still has pending, running or being requeued."""
+    if not job_ids:
         return {}
-    tasks = {}
-    for line in squeue("--array", "--me", f"--name={job_name}", "--format=%F|%K|%T"):
-        array, task, state = (line.strip().split("|") + ["", ""])[:3]
-        if array in arrays and task.isdigit() and state in LIVE:
-            tasks[array, task] = state
-    return tasks
+    jobs = {}
+    for line in squeue("--array", "--me", f"--name={job_name}", "--format=%i|%T"):
+        job_id, _, state = line.strip().partition("|")
+        if job_id in job_ids and state in LIVE:
+            jobs[job_id] = state
+    return jobs
 
 
 def queued_points(sweep_dir, job_name):
-    """{run folder: (job id 'ARRAY_TASK', state)} for this sweep's points that Slurm has pending or running."""
-    arrays = recorded_arrays(sweep_dir)
-    points = {}
-    for (array, task), state in live_tasks(job_name, arrays).items():
-        if int(task) < len(arrays[array]):
-            points[arrays[array][int(task)]] = (f"{array}_{task}", state)
-    return points
+    """{run folder: (job id, state)} for this sweep's points that Slurm has pending or running."""
+    jobs = recorded_jobs(sweep_dir)
+    return {jobs[job_id]: (job_id, state) for job_id, state in live_jobs(job_name, set(jobs)).items()}
 
 
 def submit_array(jobs, executor, sweep_dir):
-    """One job array for `jobs` -> its job id; its tasks' run folders are recorded in the sweep folder."""
+    """One job array for `jobs` (a single job for one) -> {job id: run folder}, also recorded in the sweep folder."""
     from src.files import write_json
 
     with executor.batch():
         handles = [executor.submit(job) for job in jobs]
-    array = handles[0].job_id.split("_")[0]
-    write_json(Path(sweep_dir) / ".submitit" / f"array_{array}.json", [job.save_path for job in jobs])
-    return array
+    folders = {handle.job_id: job.save_path for handle, job in zip(handles, jobs, strict=True)}
+    write_json(Path(sweep_dir) / ".submitit" / f"array_{handles[0].job_id.split('_')[0]}.json", folders)
+    return folders
 
 
 def wait_for(folders, job_name, sweep_dir, say=print):
-    """Block until Slurm has none of the jobs of `folders` ({'ARRAY_TASK': run folder}) -> {job id: None, or
-    its one-line failure}."""
-    arrays = {job_id.split("_")[0]: [] for job_id in folders}
+    """Block until Slurm has none of the jobs of `folders` ({job id: run folder}) -> {job id: None, or its
+    one-line failure}."""
     waiting, pause, outcome = set(folders), POLL_SECONDS[0], {}
     while waiting:
-        live = {f"{array}_{task}" for array, task in live_tasks(job_name, arrays)}
+        live = set(live_jobs(job_name, waiting))
         for job_id in sorted(waiting - live):
             outcome[job_id] = job_error(Path(sweep_dir) / ".submitit", job_id)
             say(f"{'done' if outcome[job_id] is None else 'FAILED'}: {folders[job_id]} (job {job_id})")
@@ -134,9 +129,9 @@ def run_slurm(jobs_to_run, executor, sweep_dir, job_name, say=print):
             say(f"already in Slurm's queue as job {job_id} ({state.lower()}), not submitted again: {job.save_path}")
     folders = {job_id: path for path, (job_id, _) in queued.items() if path in {j.save_path for j in jobs_to_run}}
     if new:
-        array = submit_array(new, executor, sweep_dir)
-        say(f"submitted job array {array} with {len(new)} runs")
-        folders.update({f"{array}_{task}": job.save_path for task, job in enumerate(new)})
+        submitted = submit_array(new, executor, sweep_dir)
+        say(f"submitted job array {next(iter(submitted)).split('_')[0]} with {len(new)} runs")
+        folders.update(submitted)
     outcome = wait_for(folders, job_name, sweep_dir, say)
     return {folders[job_id]: error for job_id, error in outcome.items()}
 

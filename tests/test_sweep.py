@@ -183,3 +183,52 @@ def test_a_slurm_job_that_left_no_result_reads_as_slurm_s_reason(tmp_path):
         "epoch 1/3\nslurmstepd: error: *** JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT ***\n")
     assert job_error(folder, "7_1") == "Slurm: JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT; " \
                                       "rerun the sweep to resume it"
+
+
+def test_gpu_groups_from_the_visible_devices(monkeypatch):
+    from src.sweep import gpu_groups, visible_gpus
+
+    for text, expected in (("0,1,2,3,4", ["0", "1", "2", "3", "4"]), ("", []), ("-1", []), ("3,1,-1,2", ["3", "1"])):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", text)
+        assert visible_gpus() == expected, text
+    assert gpu_groups(2, ["0", "1", "2", "3", "4"]) == [["0", "1"], ["2", "3"]]  # the fifth one idles
+    assert gpu_groups(2, []) == [] and gpu_groups(0, ["0", "1"]) == []  # no GPU, or none asked: as before
+    with pytest.raises(UsageError, match="only 2 GPUs are visible"):
+        gpu_groups(3, ["0", "1"])
+
+
+def test_local_jobs_run_one_per_free_gpu_group_each_seeing_its_own(tmp_path, monkeypatch):
+    """Four jobs on a faked list of four GPUs, two per job: two at a time, never two on one group."""
+    import itertools
+    import json
+
+    from src.sweep import gpu_groups, make_executor, run_local
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # submitit's job processes unpickle src.sweep.TrainingJob
+    fake_runner = tmp_path / "runner.py"  # records what it saw, and when
+    fake_runner.write_text("import json, os, sys, time\nstart = time.time()\ntime.sleep(1.5)\n"
+                           "open(sys.argv[2], 'w').write(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "
+                           "start, time.time()]))\n")
+    jobs = [TrainingJob("cifar10", tmp_path / f"run{i}", [], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, fake_runner)
+            for i in range(4)]
+    groups = gpu_groups(2, ["0", "1", "2", "3"])
+    outcome, stopped = run_local(jobs, make_executor("local", tmp_path / "sweep", {}), 1, say=lambda text: None,
+                                 gpu_groups=groups)
+    assert stopped is None and list(outcome.values()) == [None] * 4
+    seen = [json.loads((tmp_path / f"run{i}").read_text()) for i in range(4)]
+    assert sorted(gpus for gpus, _, _ in seen) == ["0,1", "0,1", "2,3", "2,3"]
+    overlapping = [(a, b) for a, b in itertools.combinations(seen, 2) if a[1] < b[2] and b[1] < a[2]]
+    assert overlapping, "the two groups never ran at once"
+    assert all(a[0] != b[0] for a, b in overlapping), "two jobs ran on one group at once"
+
+
+def test_gpus_per_job_beyond_the_visible_gpus_is_a_usage_error(data_dir, tmp_path):
+    result = sweep(data_dir, "cifar10", tmp_path / "grid", "--lr=0.1,0.05", "--gpus_per_job=3",
+                   CUDA_VISIBLE_DEVICES="0,1")
+    assert result.returncode == 2 and "only 2 GPUs are visible" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "grid").exists()
+    without = sweep(data_dir, "cifar10", tmp_path / "cpu", *TINY, "--n_epochs=1", "--gpus_per_job=2",
+                    CUDA_VISIBLE_DEVICES="")
+    assert without.returncode == 0, without.stderr
+    assert "no GPU visible" in without.stdout and without.stdout.count("started ") == 1
+

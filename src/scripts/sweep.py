@@ -99,17 +99,35 @@ def main(argv=None):
         from src.sweep_slurm import check_slurm
 
         check_slurm()
+    groups = local_gpu_groups(options) if options.backend == "local" else []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
                                   "runs": {str(path.name): arguments for path, arguments, _ in runs}})
     to_run = [(path, arguments, config) for path, arguments, config in runs if not is_finished(path, config)]
-    outcome, stopped_by = launch(options, sweep_dir, to_run, family) if to_run else ({}, None)
+    outcome, stopped_by = launch(options, sweep_dir, to_run, family, groups) if to_run else ({}, None)
     return summarize(sweep_dir, outcome, stopped_by)
 
 
-def launch(options, sweep_dir, runs, family):
+def local_gpu_groups(options):
+    """With --gpus_per_job=K, the groups of K visible GPUs, one per local job running at once (with
+    --max_parallel, at most that many); none without GPUs, where the sweep runs as without the option."""
+    from src.sweep import gpu_groups, visible_gpus
+
+    if not options.gpus_per_job:
+        return []
+    gpus = visible_gpus()
+    groups = gpu_groups(options.gpus_per_job, gpus)[:options.max_parallel or None]
+    if groups:
+        print(f"{len(gpus)} GPUs visible: {len(groups)} jobs at a time, each on {options.gpus_per_job} of its own")
+    else:
+        print(f"--gpus_per_job={options.gpus_per_job}: no GPU visible, so the runs share this machine's CPUs")
+    return groups
+
+
+def launch(options, sweep_dir, runs, family, groups):
     """Run the unfinished points -> ({run folder: None or the failure's one line}, the stopping signal or None)."""
-    from src.sweep import TrainingJob, gpu_groups, make_executor, run_local, visible_gpus
+    from src.data import load_dataset
+    from src.sweep import TrainingJob, make_executor, run_local
     from src.sweep_slurm import run_slurm, slurm_parameters
 
     if options.backend == "slurm":  # Slurm gives each job its GPUs
@@ -117,18 +135,9 @@ def launch(options, sweep_dir, runs, family):
         parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
                                       options.cpus, options.mem, options.array_parallelism, options.signal_delay)
         return run_slurm(jobs, make_executor("slurm", sweep_dir, parameters), sweep_dir, sweep_dir.name), None
-    gpus = visible_gpus() if options.gpus_per_job else []
-    groups = gpu_groups(options.gpus_per_job, gpus)
-    if groups:
-        groups = groups[:options.max_parallel or len(groups)]
-        print(f"{len(gpus)} GPUs visible: {len(groups)} jobs at a time, each on {options.gpus_per_job} of its own")
-    elif options.gpus_per_job:
-        print(f"--gpus_per_job={options.gpus_per_job}: no GPU visible, so the runs share this machine's CPUs")
     # Local jobs see the GPUs the sweep sees (submitit would hide them), or their group's.
     environment = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
     jobs = [TrainingJob(options.config, path, arguments, environment, family.runner) for path, arguments, _ in runs]
-    from src.data import load_dataset
-
     for dataset, label_mode in {(config["dataset"], config["label_mode"]) for _, _, config in runs}:
         load_dataset(dataset, label_mode=label_mode)  # decode (or download) the data once, not in every job at once
     return run_local(jobs, make_executor("local", sweep_dir, {}), options.max_parallel or 1, gpu_groups=groups)
