@@ -125,7 +125,7 @@ def test_a_run_longer_than_its_time_limit_is_warned_requeued_and_finishes(data_d
     result = sweep(data_dir, "cifar10", sweep_dir, *args, "--n_filters=4", *SLURM[:-1], "--time=1",
                    "--signal_delay=15", PYTHONPATH=FAULTS, SLOW_FSYNC_SECONDS="0.1")
     assert result.returncode == 0, result.stderr[-3000:]
-    run = sweep_dir / "n_filters=4"
+    (run,) = [path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
     assert "stopped at iteration" in (run / "stderr.log").read_text()
     assert "resuming from" in (run / "stdout.log").read_text()
     assert json.loads((run / "status.json").read_text())["finished"]
@@ -172,11 +172,24 @@ def test_a_failed_point_shows_its_reason_not_a_log_path(data_dir, tmp_path, rele
 def sbatch_ddp(data_dir, run, *extra):
     """etc/slurm_ddp.sbatch with 2 processes on this machine's CPUs (gloo), from the repository root -> job id."""
     env = script_env(data_dir, NPROC_PER_NODE="2", ENV_FILE="/dev/null")  # not env.sh's DATA_DIR
+    run.parent.mkdir(parents=True, exist_ok=True)  # for its --output: sbatch does not create the folder
     command = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--job-name={run.parent.name}",
                f"--output={run.parent}/slurm-%j.out", "etc/slurm_ddp.sbatch", DDP_ARGS[0], str(run),
                *DDP_ARGS[1:], *extra]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=30, check=True)
     return done.stdout.strip().split(";")[0]
+
+
+class JobAsProcess:
+    """A Slurm job for wait_for_mid_epoch_checkpoint: poll() is None while Slurm has it pending or running."""
+
+    def __init__(self, job_id):
+        self.job_id, self.state, self.asked = job_id, "PENDING", 0.0
+
+    def poll(self):
+        if time.monotonic() - self.asked > 0.5:  # squeue at most twice a second
+            self.state, self.asked = state_of(self.job_id), time.monotonic()
+        return None if self.state in ("PENDING", "RUNNING", "CONFIGURING") else 0
 
 
 def wait_gone(job_id, timeout=240):
@@ -191,11 +204,7 @@ def test_the_ddp_sbatch_script_checkpoints_when_warned_requeues_and_resumes_exac
     run = unique(tmp_path, "ddp") / "run"
     released.add(run.parent.name)
     job = sbatch_ddp(data_dir, run)
-    process = subprocess.Popen(["sleep", "600"])  # stands for the job in wait_for_mid_epoch_checkpoint
-    try:
-        wait_for_mid_epoch_checkpoint(process, run, after_iteration=15)
-    finally:
-        process.kill()
+    wait_for_mid_epoch_checkpoint(JobAsProcess(job), run, after_iteration=15)
     subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)  # as --signal=B:TERM@120
     wait_gone(job)
     assert state_of(job) in (None, "COMPLETED")
