@@ -53,10 +53,13 @@ write_config() {
     # Jobs may share cores (OverSubscribe=FORCE:4): the tests' jobs are tiny runs that mostly wait, and
     # a one-node cluster of 2 cores would otherwise run 2 at a time. Memory is not a consumable (CR_Core).
     # JobRequeue=1: batch jobs are requeued after a node failure, and `scontrol requeue` works for all.
+    # EnforcePartLimits=ALL: a job this node can never run (more CPUs than it has) is refused by sbatch, as
+    # on most clusters, instead of pending forever (reason PartitionConfig).
+    # 127.0.0.1: the daemons find each other where the host's name does not resolve (a fresh container).
     cat >"$CONF.tmp" <<EOF
 $MARK on $(date -u +%FT%TZ); \`bash etc/local_slurm.sh down\` leaves it, \`up\` rewrites it
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -65,6 +68,7 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobRequeue=1
+EnforcePartLimits=ALL
 ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -82,7 +86,7 @@ MinJobAge=300
 KillWait=30
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     mv "$CONF.tmp" "$CONF"

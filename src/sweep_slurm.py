@@ -6,8 +6,12 @@ where `sacct` would show the attempt that ended. Each submitted array is recorde
 folder (`.submitit/array_<id>.json`: the run folder of each task), so that a rerun knows which of
 its points are still pending or running and does not submit them twice.
 """
+import contextlib
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,12 +81,35 @@ def queued_points(sweep_dir, job_name):
     return {jobs[job_id]: (job_id, state) for job_id, state in live_jobs(job_name, set(jobs)).items()}
 
 
+@contextlib.contextmanager
+def stderr_to(file):
+    """File descriptor 2 into `file` meanwhile: sbatch, which submitit starts, writes its refusal there, and the
+    sweep says it once, in its own one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def submit_array(jobs, executor, sweep_dir):
     """One job array for `jobs` (a single job for one) -> {job id: run folder}, also recorded in the sweep folder."""
     from src.files import write_json
 
-    with executor.batch():
-        handles = [executor.submit(job) for job in jobs]
+    with tempfile.TemporaryFile() as printed:
+        try:
+            with stderr_to(printed), executor.batch():
+                handles = [executor.submit(job) for job in jobs]
+        except Exception as e:  # noqa: BLE001 (submitit's error holds sbatch's output: its last error line says why)
+            printed.seek(0)
+            lines = [line.strip() for line in (printed.read().decode(errors="replace") + str(e)).splitlines()]
+            reasons = [line for line in lines if "error" in line.lower()] or [line for line in lines if line]
+            raise RunError(f"sbatch refused the job array: {(reasons or [type(e).__name__])[-1][:300]}") from None
+        printed.seek(0)
+        sys.stderr.write(printed.read().decode(errors="replace"))  # sbatch's warnings, if any
     folders = {handle.job_id: job.save_path for handle, job in zip(handles, jobs, strict=True)}
     write_json(Path(sweep_dir) / ".submitit" / f"array_{handles[0].job_id.split('_')[0]}.json", folders)
     return folders

@@ -169,6 +169,17 @@ def test_a_failed_point_shows_its_reason_not_a_log_path(data_dir, tmp_path, rele
     assert ".submitit" not in err and "Traceback" not in err
 
 
+def test_a_job_array_slurm_refuses_is_one_line(data_dir, tmp_path):
+    """More CPUs per job than the node has: sbatch refuses it (EnforcePartLimits=ALL), the sweep says why."""
+    cpus = max(int(line.split()[0]) for line in subprocess.run(["sinfo", "--noheader", "--format=%c"],
+                                                               capture_output=True, text=True).stdout.splitlines())
+    result = sweep(data_dir, "cifar10", unique(tmp_path, "refused"), *TINY, "--lr=0.1,0.05", *SLURM[:1],
+                   f"--cpus={cpus + 1}", "--mem=1")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "sbatch refused the job array: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def sbatch_ddp(data_dir, run, *extra):
     """etc/slurm_ddp.sbatch with 2 processes on this machine's CPUs (gloo), from the repository root -> job id."""
     env = script_env(data_dir, NPROC_PER_NODE="2", ENV_FILE="/dev/null")  # not env.sh's DATA_DIR

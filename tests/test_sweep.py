@@ -139,11 +139,13 @@ def test_slurm_job_array_parameters(tmp_path):
     sbatch = _make_sbatch_string(
         command="python job.py", folder=tmp_path, job_name="grid", partition="gpu", time=240, gpus_per_node=1,
         cpus_per_task=8, mem="32GB", ntasks_per_node=1, nodes=1, signal_delay_s=parameters["slurm_signal_delay_s"],
-        array_parallelism=3, map_count=4, additional_parameters=parameters["slurm_additional_parameters"])
+        array_parallelism=3, map_count=4, additional_parameters=parameters["slurm_additional_parameters"],
+        setup=parameters["slurm_setup"])
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --array=0-3%3",
-                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue"):
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", '    trap "kill -USR2 $pid" USR2'):
         assert line in sbatch, line
+    assert sbatch.index("srun() {") < sbatch.index("\nsrun ")  # the batch shell passes a USR2 on to the job
     assert "gpus_per_node" not in slurm_parameters("cpu-only")
 
 
