@@ -36,6 +36,7 @@ PASS_ON_WARNING = [
     "}",
 ]
 POLL_SECONDS = (1.0, 15.0)  # the first wait between two looks at squeue, and the longest
+SQUEUE_PATIENCE_SECONDS = 60
 
 
 def squeue(*args):
@@ -118,9 +119,16 @@ def submit_array(jobs, executor, sweep_dir):
 def wait_for(folders, job_name, sweep_dir, say=print):
     """Block until Slurm has none of the jobs of `folders` ({job id: run folder}) -> {job id: None, or its
     one-line failure}."""
-    waiting, pause, outcome = set(folders), POLL_SECONDS[0], {}
+    waiting, pause, outcome, answered = set(folders), POLL_SECONDS[0], {}, time.monotonic()
     while waiting:
-        live = set(live_jobs(job_name, waiting))
+        try:
+            live = set(live_jobs(job_name, waiting))
+            answered = time.monotonic()
+        except RunError:  # slurmctld restarting or busy: the jobs run on; give up only after a quiet minute
+            if time.monotonic() - answered > SQUEUE_PATIENCE_SECONDS:
+                raise
+            time.sleep(pause)
+            continue
         for job_id in sorted(waiting - live):
             outcome[job_id] = job_error(Path(sweep_dir) / ".submitit", job_id)
             say(f"{'done' if outcome[job_id] is None else 'FAILED'}: {folders[job_id]} (job {job_id})")

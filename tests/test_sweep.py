@@ -234,3 +234,25 @@ def test_gpus_per_job_beyond_the_visible_gpus_is_a_usage_error(data_dir, tmp_pat
     assert without.returncode == 0, without.stderr
     assert "no GPU visible" in without.stdout and without.stdout.count("started ") == 1
 
+
+
+def test_points_slurm_still_has_are_found_from_the_recorded_arrays(tmp_path, monkeypatch):
+    """What a rerun asks squeue: only this sweep's recorded jobs count, and only while pending or running."""
+    import json
+
+    from src import sweep_slurm
+
+    (tmp_path / ".submitit").mkdir()
+    (tmp_path / ".submitit" / "array_41.json").write_text(json.dumps({"41_0": "a", "41_1": "b", "41_2": "c"}))
+    (tmp_path / ".submitit" / "array_50.json").write_text(json.dumps({"50": "d"}))
+    asked = []
+
+    def fake_squeue(*args):
+        asked.append(args)
+        return ["41_0|COMPLETED", "41_1|RUNNING", "41_2|PENDING", "50|REQUEUED", "99_0|RUNNING"]
+
+    monkeypatch.setattr(sweep_slurm, "squeue", fake_squeue)
+    assert sweep_slurm.queued_points(tmp_path, "grid") == {"b": ("41_1", "RUNNING"), "c": ("41_2", "PENDING"),
+                                                           "d": ("50", "REQUEUED")}
+    assert "--name=grid" in asked[0] and "--array" in asked[0]
+    assert sweep_slurm.queued_points(tmp_path / "elsewhere", "grid") == {}
