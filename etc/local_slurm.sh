@@ -115,12 +115,14 @@ start_munge() {
     echo munged >>"$STATE/started"
 }
 
-start_daemon() {  # name, then its command line; skipped when its pid file names a live process
+running() {  # name: whether the pid file our slurm.conf gives it names a live process
+    [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null
+}
+
+start_daemon() {  # name, then its command line; skipped when it runs already
     local name=$1
     shift
-    if [ -f "$STATE/$name.pid" ] && kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then
-        return 0
-    fi
+    running "$name" && return 0
     "$@" || die "$name did not start (see $LOGS/$name.log)"
     echo "$name" >>"$STATE/started"
 }
@@ -142,7 +144,8 @@ up() {
     [ "$(id -u)" -eq 0 ] || die "run it as root (sudo bash etc/local_slurm.sh up): it installs packages and starts daemons"
     local started=$SECONDS
     install_packages
-    if [ -f "$CONF" ] && grep -qF "$MARK" "$CONF"; then
+    # sinfo only when our slurmctld runs: without a controller it takes 9 s to give up
+    if [ -f "$CONF" ] && grep -qF "$MARK" "$CONF" && running slurmctld; then
         case "$(node_state || true)" in idle*|mixed*|allocated*) say "already up"; return 0 ;; esac
     fi
     mkdir -p "$STATE"

@@ -46,7 +46,8 @@ def slurm_missing():
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"no Slurm here ({e.__class__.__name__}: sinfo)"
     states = done.stdout.split()
-    if done.returncode != 0 or not any(s.rstrip("*~#!%$@^-").startswith(("idle", "mix", "alloc")) for s in states):
+    # idle, mixed or allocated, and answering (a trailing * is a node that does not)
+    if done.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in states):
         return f"no Slurm node up (sinfo: {(done.stderr.strip() or ' '.join(states) or 'nothing')[:200]})"
     return None
 
