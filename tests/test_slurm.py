@@ -126,6 +126,8 @@ def test_a_run_longer_than_its_time_limit_is_warned_requeued_and_finishes(data_d
                    "--signal_delay=15", PYTHONPATH=FAULTS, SLOW_FSYNC_SECONDS="0.1")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    shown = scontrol("show", "job", job_of(sweep_dir, run)).stdout
+    assert "TimeLimit=00:01:00" in shown and "Restarts=0" not in shown, shown  # requeued by the warning
     assert "stopped at iteration" in (run / "stderr.log").read_text()
     assert "resuming from" in (run / "stdout.log").read_text()
     assert json.loads((run / "status.json").read_text())["finished"]
@@ -138,7 +140,7 @@ def test_a_rerun_while_the_jobs_are_queued_or_running_submits_nothing_twice(data
             *SLURM]
     first = sweep(data_dir, *args, wait=False, **SLOW)
     jobs = {job_of(sweep_dir, sweep_dir / name) for name in ("n_filters=4", "n_filters=8")}
-    assert all(state_of(job) in ("PENDING", "RUNNING") for job in jobs)
+    assert all(state_of(job) in ("PENDING", "CONFIGURING", "RUNNING") for job in jobs)
     again = sweep(data_dir, *args, **SLOW)
     out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
