@@ -98,7 +98,7 @@ start_munge() {
     fi
     if [ ! -s /etc/munge/munge.key ]; then
         mkdir -p /etc/munge
-        dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi
     local user=root
     id munge >/dev/null 2>&1 && user=munge
