@@ -223,24 +223,30 @@ def signal_name(number):
         return f"signal {number}"
 
 
-def slurm_parameters(name, partition=None, time_min=60, gpus=0, cpus=4, mem_gb=16, array_parallelism=8):
-    """submitit's `update_parameters` for a Slurm job array of single-task jobs."""
-    parameters = {
-        "slurm_job_name": name,
-        "timeout_min": time_min,
-        "cpus_per_task": cpus,
-        "mem_gb": mem_gb,
-        "tasks_per_node": 1,
-        "nodes": 1,
-        "slurm_array_parallelism": array_parallelism,
-        "slurm_signal_delay_s": 120,  # time to finish a step and write a checkpoint before the kill
-        "slurm_additional_parameters": {"requeue": True},
-    }
-    if gpus:
-        parameters["gpus_per_node"] = gpus
-    if partition:
-        parameters["slurm_partition"] = partition
-    return parameters
+def visible_gpus():
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries where it is set (up to the first
+    negative one, where CUDA stops too), else every device torch finds."""
+    text = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if text is None:
+        import torch
+
+        return [str(index) for index in range(torch.cuda.device_count())]
+    entries = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def gpu_groups(gpus_per_job, gpus):
+    """Disjoint groups of `gpus_per_job` of `gpus`, one per local job running at once; none without GPUs."""
+    if not gpus_per_job or not gpus:
+        return []
+    if gpus_per_job > len(gpus):
+        raise UsageError(f"--gpus_per_job={gpus_per_job} but only {len(gpus)} GPUs are visible "
+                         f"(CUDA_VISIBLE_DEVICES={','.join(gpus)})")
+    return [gpus[i:i + gpus_per_job] for i in range(0, len(gpus) - gpus_per_job + 1, gpus_per_job)]
 
 
 def make_executor(backend, sweep_dir, parameters):
@@ -304,61 +310,57 @@ def submit_shielded(executor, job):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_local(jobs_to_run, executor, max_parallel, say=print):
-    """Submit at most `max_parallel` jobs at a time -> ({save_path: error text or None}, the stopping signal or None).
+def run_local(jobs_to_run, executor, max_parallel, say=print, gpu_groups=()):
+    """Submit at most `max_parallel` jobs at a time, or with `gpu_groups`, one per free group, whose GPUs
+    alone the job's run sees -> ({save_path: error text or None}, the stopping signal or None).
 
     On SIGTERM/SIGINT, each running job's controller gets SIGTERM, which submitit passes to the job and the
     job, once, to its run; repeated every second, since a process still starting may not have its
     handler yet."""
     pending, running, outcome, passed_on = list(jobs_to_run), [], {}, 0.0
+    free = [",".join(group) for group in gpu_groups] or [None] * max_parallel
     with SweepStop() as stop:
         while pending or running:
             if stop.signal_number is not None:
                 pending.clear()
                 if time.monotonic() - passed_on >= 1:
-                    for _, handle in running:
+                    for _, handle, _ in running:
                         handle._process.send_signal(signal.SIGTERM)  # submitit's controller forwards SIGTERM
                     passed_on = time.monotonic()
-            while pending and len(running) < max_parallel:
-                job = pending.pop(0)
-                running.append((job, submit_shielded(executor, job)))
-                say(f"started {job.save_path}")
+            while pending and free:
+                job, gpus = pending.pop(0), free.pop(0)
+                if gpus is not None:
+                    job.environment["CUDA_VISIBLE_DEVICES"] = gpus
+                running.append((job, submit_shielded(executor, job), gpus))
+                say(f"started {job.save_path}" + (f" on GPUs {gpus}" if gpus is not None else ""))
             still = []
-            for job, handle in running:
+            for job, handle, gpus in running:
                 if handle.done():
-                    outcome[job.save_path] = _error_of(handle, shared_disk=False)
+                    outcome[job.save_path] = _error_of(handle)
                     say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path}")
+                    free.append(gpus)
                 else:
-                    still.append((job, handle))
+                    still.append((job, handle, gpus))
             running = still
             time.sleep(0.2)
     return outcome, stop.signal_number
 
 
-def run_slurm(jobs_to_run, executor, say=print):
-    """One job array; waits for it, so the final table can be printed (Ctrl-C leaves the jobs running)."""
-    with executor.batch():
-        handles = [executor.submit(job) for job in jobs_to_run]
-    say(f"submitted job array {handles[0].job_id.split('_')[0]} with {len(handles)} runs")
-    return {job.save_path: _error_of(handle) for job, handle in zip(jobs_to_run, handles, strict=True)}
+def _error_of(handle):
+    """None when the local job succeeded, else one line: the run's reason, or the last line of what failed.
 
-
-def _error_of(handle, shared_disk=True):
-    """None when the job succeeded, else one line: the run's reason, or the last line of what failed.
-
-    A local job's result is on this machine's disk when it ends: without `shared_disk`, a missing one is
-    reported at once, where submitit would give a shared file system 15 s to show it."""
+    A local job's result is on this machine's disk when it ends: a missing one is reported at once, where
+    submitit would give a shared file system 15 s to show it."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    lost = f"its job ended without a result (log: {handle.paths.stderr}); rerun the sweep to resume it"
-    if not shared_disk and not handle.paths.result_pickle.exists():
-        return lost
+    if not handle.paths.result_pickle.exists():
+        return ended_without_result(handle.paths.stderr)
     try:
         handle.result()
         return None
     except UncompletedJobError as e:
         if not isinstance(e, FailedJobError):  # killed, or stopped before it could start its run
-            return lost
+            return ended_without_result(handle.paths.stderr)
         error = e  # the job raised: submitit gives its traceback as text
     except Exception as e:
         error = e
@@ -376,3 +378,21 @@ def failure_line(text):
     if len(frames) >= 2 and frames[-1] > 0:
         return lines[frames[-1] - 1].strip()
     return lines[0].strip() if lines else None
+
+
+def ended_without_result(stderr_path):
+    """One line for a job that left no result: Slurm's reason (time limit, cancelled, node failure) or the
+    run's last `error: ...` line, from the job's stderr."""
+    try:
+        with open(stderr_path, "rb") as file:  # its end: a long run's log can be large
+            file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
+            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if "***" in line:  # slurmstepd: error: *** JOB 12 ON node CANCELLED AT ... DUE TO TIME LIMIT ***
+            return f"Slurm: {line.split('***')[1].strip()}; rerun the sweep to resume it"
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    return "its job ended without a result (cancelled or killed before it could start); rerun the sweep to resume it"

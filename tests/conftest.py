@@ -1,5 +1,6 @@
 """Shared fixtures: tiny CIFAR-format data in the official layout, and a way to run the scripts."""
 import contextlib
+import functools
 import io
 import os
 import subprocess
@@ -28,13 +29,37 @@ SLOW_FIXTURES = {"data_dir", "train", "train_here", "evaluate_here", "reference_
                  "finished", "damaged", "saved_run", "small_disk", "legacy_run", "toy_registries"}
 # Modules that are end to end throughout (training, signals, torchrun, sweeps, the benchmark).
 SLOW_MODULES = {"test_training", "test_faults", "test_distributed", "test_sweep", "test_bench",
-                "test_run_folder_safety", "test_reporting", "test_seams"}
+                "test_run_folder_safety", "test_reporting", "test_seams", "test_slurm"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@functools.cache
+def slurm_missing():
+    """None when a Slurm cluster answers on this machine (a node idle, mixed or allocated), else why not."""
+    try:
+        done = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"no Slurm here ({e.__class__.__name__}: sinfo)"
+    states = done.stdout.split()
+    # idle, mixed or allocated, and answering (a trailing * is a node that does not)
+    if done.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in states):
+        return f"no Slurm node up (sinfo: {(done.stderr.strip() or ' '.join(states) or 'nothing')[:200]})"
+    return None
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `slurm` need a running cluster: skipped without one, except on CI (CI=true), where .ci/run
+    starts one, so that a missing cluster fails there instead of passing unnoticed."""
+    if item.get_closest_marker("slurm") and (missing := slurm_missing()):
+        text = f"{missing}; start one with `sudo bash etc/local_slurm.sh up`"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI must run the Slurm tests: {text}", pytrace=False)
+        pytest.skip(text)
 
 
 @pytest.fixture(scope="session")

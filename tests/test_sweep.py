@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, RESUMABLE, TINY, assert_identical, script_env, wait_for_mid_epoch_checkpoint
 from configs.simple_cnn import simple_cnn_configs
 from src.errors import UsageError
-from src.sweep import TrainingJob, expand_grid, plan_sweep, slurm_parameters
+from src.sweep import TrainingJob, expand_grid, plan_sweep
+from src.sweep_slurm import slurm_parameters
 
 SWEEP_SCRIPT = REPO / "src" / "scripts" / "sweep.py"
 ROOT = simple_cnn_configs.root
@@ -18,13 +19,13 @@ ROOT = simple_cnn_configs.root
 GRID_ARGS = [w for w in TINY + RESUMABLE if not w.startswith("--n_filters")] + ["--n_filters=8,4"]
 
 
-def sweep(data_dir, *args, wait=True):
+def sweep(data_dir, *args, wait=True, **extra_env):
     command = [sys.executable, str(SWEEP_SCRIPT), *map(str, args)]
+    env = script_env(data_dir, **extra_env)
     if wait:
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=script_env(data_dir),
-                              timeout=300)
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env(data_dir), start_new_session=True)
+                            env=env, start_new_session=True)
 
 
 def test_grid_expands_every_combination_typed_by_the_root():
@@ -138,11 +139,13 @@ def test_slurm_job_array_parameters(tmp_path):
     sbatch = _make_sbatch_string(
         command="python job.py", folder=tmp_path, job_name="grid", partition="gpu", time=240, gpus_per_node=1,
         cpus_per_task=8, mem="32GB", ntasks_per_node=1, nodes=1, signal_delay_s=parameters["slurm_signal_delay_s"],
-        array_parallelism=3, map_count=4, additional_parameters=parameters["slurm_additional_parameters"])
+        array_parallelism=3, map_count=4, additional_parameters=parameters["slurm_additional_parameters"],
+        setup=parameters["slurm_setup"])
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --array=0-3%3",
-                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue"):
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", '    trap "kill -USR2 $pid" USR2'):
         assert line in sbatch, line
+    assert sbatch.index("srun() {") < sbatch.index("\nsrun ")  # the batch shell passes a USR2 on to the job
     assert "gpus_per_node" not in slurm_parameters("cpu-only")
 
 
@@ -170,3 +173,86 @@ def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
         result = sweep(data_dir, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_slurm_job_that_left_no_result_reads_as_slurm_s_reason(tmp_path):
+    """A job that ended without a result (time limit, scancel, node failure): Slurm's one line, no log path."""
+    from src.sweep_slurm import job_error
+
+    folder = tmp_path / ".submitit"
+    (folder / "7_1").mkdir(parents=True)
+    (folder / "7_1" / "7_1_0_log.err").write_text(
+        "epoch 1/3\nslurmstepd: error: *** JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT ***\n")
+    assert job_error(folder, "7_1") == "Slurm: JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT; " \
+                                      "rerun the sweep to resume it"
+
+
+def test_gpu_groups_from_the_visible_devices(monkeypatch):
+    from src.sweep import gpu_groups, visible_gpus
+
+    for text, expected in (("0,1,2,3,4", ["0", "1", "2", "3", "4"]), ("", []), ("-1", []), ("3,1,-1,2", ["3", "1"])):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", text)
+        assert visible_gpus() == expected, text
+    assert gpu_groups(2, ["0", "1", "2", "3", "4"]) == [["0", "1"], ["2", "3"]]  # the fifth one idles
+    assert gpu_groups(2, []) == [] and gpu_groups(0, ["0", "1"]) == []  # no GPU, or none asked: as before
+    with pytest.raises(UsageError, match="only 2 GPUs are visible"):
+        gpu_groups(3, ["0", "1"])
+
+
+def test_local_jobs_run_one_per_free_gpu_group_each_seeing_its_own(tmp_path, monkeypatch):
+    """Four jobs on a faked list of four GPUs, two per job: two at a time, never two on one group."""
+    import itertools
+    import json
+
+    from src.sweep import gpu_groups, make_executor, run_local
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # submitit's job processes unpickle src.sweep.TrainingJob
+    fake_runner = tmp_path / "runner.py"  # records what it saw, and when
+    fake_runner.write_text("import json, os, sys, time\nstart = time.time()\ntime.sleep(1.5)\n"
+                           "open(sys.argv[2], 'w').write(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "
+                           "start, time.time()]))\n")
+    jobs = [TrainingJob("cifar10", tmp_path / f"run{i}", [], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, fake_runner)
+            for i in range(4)]
+    groups = gpu_groups(2, ["0", "1", "2", "3"])
+    outcome, stopped = run_local(jobs, make_executor("local", tmp_path / "sweep", {}), 1, say=lambda text: None,
+                                 gpu_groups=groups)
+    assert stopped is None and list(outcome.values()) == [None] * 4
+    seen = [json.loads((tmp_path / f"run{i}").read_text()) for i in range(4)]
+    assert sorted(gpus for gpus, _, _ in seen) == ["0,1", "0,1", "2,3", "2,3"]
+    overlapping = [(a, b) for a, b in itertools.combinations(seen, 2) if a[1] < b[2] and b[1] < a[2]]
+    assert overlapping, "the two groups never ran at once"
+    assert all(a[0] != b[0] for a, b in overlapping), "two jobs ran on one group at once"
+
+
+def test_gpus_per_job_beyond_the_visible_gpus_is_a_usage_error(data_dir, tmp_path):
+    result = sweep(data_dir, "cifar10", tmp_path / "grid", "--lr=0.1,0.05", "--gpus_per_job=3",
+                   CUDA_VISIBLE_DEVICES="0,1")
+    assert result.returncode == 2 and "only 2 GPUs are visible" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "grid").exists()
+    without = sweep(data_dir, "cifar10", tmp_path / "cpu", *TINY, "--n_epochs=1", "--gpus_per_job=2",
+                    CUDA_VISIBLE_DEVICES="")
+    assert without.returncode == 0, without.stderr
+    assert "no GPU visible" in without.stdout and without.stdout.count("started ") == 1
+
+
+
+def test_points_slurm_still_has_are_found_from_the_recorded_arrays(tmp_path, monkeypatch):
+    """What a rerun asks squeue: only this sweep's recorded jobs count, and only while pending or running."""
+    import json
+
+    from src import sweep_slurm
+
+    (tmp_path / ".submitit").mkdir()
+    (tmp_path / ".submitit" / "array_41.json").write_text(json.dumps({"41_0": "a", "41_1": "b", "41_2": "c"}))
+    (tmp_path / ".submitit" / "array_50.json").write_text(json.dumps({"50": "d"}))
+    asked = []
+
+    def fake_squeue(*args):
+        asked.append(args)
+        return ["41_0|COMPLETED", "41_1|RUNNING", "41_2|PENDING", "50|REQUEUED", "99_0|RUNNING"]
+
+    monkeypatch.setattr(sweep_slurm, "squeue", fake_squeue)
+    assert sweep_slurm.queued_points(tmp_path, "grid") == {"b": ("41_1", "RUNNING"), "c": ("41_2", "PENDING"),
+                                                           "d": ("50", "REQUEUED")}
+    assert "--name=grid" in asked[0] and "--array" in asked[0]
+    assert sweep_slurm.queued_points(tmp_path / "elsewhere", "grid") == {}

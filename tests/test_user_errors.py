@@ -270,7 +270,8 @@ def test_bad_sweeps_are_refused_before_anything_is_written(data_dir, tmp_path):
     assert "3 of 4 grid points are invalid" in invalid
     assert "n_filters=0-lr=0.1: --n_filters must be at least 1" in invalid
     assert "n_filters=16-lr=-1.0: --lr must not be negative" in invalid
-    no_slurm = one_line(sweep(data_dir, "cifar10", grid, *TINY, "--backend=slurm", PATH=os.defpath), 1)
+    # A PATH without Slurm's commands: os.defpath (/bin:/usr/bin) has them where Slurm is installed (CI).
+    no_slurm = one_line(sweep(data_dir, "cifar10", grid, *TINY, "--backend=slurm", PATH=str(tmp_path / "nothing")), 1)
     assert "sbatch not found; " in no_slurm
     assert not grid.exists()
 

@@ -2,9 +2,11 @@
 
     python src/scripts/sweep.py CONFIG RESULTS_DIR/SWEEP_NAME --n_filters=8,16,32 --lr=0.1,0.05 [--seeds=3]
 
---backend=local (default) runs --max_parallel points at a time on this machine; --backend=slurm
-submits a Slurm job array (--partition, --time minutes, --gpus, --cpus, --mem GB,
---array_parallelism). Rerunning the same sweep skips finished points and resumes the others.
+--backend=local (default) runs --max_parallel points at a time on this machine (with --gpus_per_job=K,
+one per free group of K GPUs); --backend=slurm submits a Slurm job array (--partition, --time minutes,
+--gpus, --cpus, --mem GB, --array_parallelism, --signal_delay seconds) and does not submit again the
+points Slurm still has queued or running. Rerunning the same sweep skips finished points and resumes
+the others.
 The run table is printed at the end.
 """
 import os
@@ -24,11 +26,12 @@ os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
 from src.cli import OneLineErrorParser, exit_codes  # noqa: E402
-from src.errors import RunError, UsageError  # noqa: E402
+from src.errors import UsageError  # noqa: E402
 
 SWEEP_OPTIONS = {
     "backend": ("local", "local (on this machine) or slurm"),
-    "max_parallel": (1, "local: runs at a time"),
+    "max_parallel": (0, "local: runs at a time; 0: 1, or one per GPU group with --gpus_per_job"),
+    "gpus_per_job": (0, "local: GPUs of each job (its own CUDA_VISIBLE_DEVICES); 0: every job sees all"),
     "seeds": (0, "add seed = 1..N to the grid"),
     "partition": ("", "slurm: partition"),
     "time": (60, "slurm: minutes per job before it is requeued"),
@@ -36,6 +39,7 @@ SWEEP_OPTIONS = {
     "cpus": (4, "slurm: CPUs per job"),
     "mem": (16, "slurm: memory per job, GB"),
     "array_parallelism": (8, "slurm: jobs of the array running at once"),
+    "signal_delay": (120, "slurm: seconds before the time limit at which a job is warned to checkpoint"),
 }
 
 
@@ -57,10 +61,13 @@ def parse(argv):
         overrides[key] = text
     if known.backend not in ("local", "slurm"):
         raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
-    for name, least in (("max_parallel", 1), ("seeds", 0), ("time", 1), ("gpus", 0), ("cpus", 1), ("mem", 1),
-                        ("array_parallelism", 1)):
+    for name, least in (("max_parallel", 0), ("gpus_per_job", 0), ("seeds", 0), ("time", 1), ("gpus", 0),
+                        ("cpus", 1), ("mem", 1), ("array_parallelism", 1), ("signal_delay", 1)):
         if getattr(known, name) < least:
             raise UsageError(f"--{name} must be at least {least}, not {getattr(known, name)}")
+    if known.backend == "slurm" and known.signal_delay >= 60 * known.time:
+        raise UsageError(f"--signal_delay={known.signal_delay} s is not shorter than --time={known.time} min: "
+                         "every job would be warned as it starts")
     # An unknown config name fails here, before anything runs; `--model=NAME` picks the family where
     # two families name a config alike.
     family, base = find_config(known.config, overrides.get("model"))
@@ -75,21 +82,10 @@ def check_points(runs, family):
         raise UsageError(f"{len(bad)} of {len(runs)} grid points are invalid: {' | '.join(bad)}")
 
 
-def check_slurm():
-    """submitit would fail with a traceback on a machine without Slurm; say it in one line instead."""
-    import shutil
-
-    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
-    if missing:
-        raise RunError(f"{missing[0]} not found; --backend=slurm runs where Slurm's commands are on PATH (a "
-                       "cluster's login node); here, use --backend=local")
-
-
 @exit_codes
 def main(argv=None):
     from src.files import write_json
-    from src.sweep import (PLAN, TrainingJob, is_finished, make_executor, plan_sweep, run_local, run_slurm,
-                           slurm_parameters)
+    from src.sweep import PLAN, is_finished, plan_sweep
 
     options, overrides, family, base = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(options.sweep_dir)
@@ -100,29 +96,51 @@ def main(argv=None):
     if options.dry_run:
         return 0
     if options.backend == "slurm":
+        from src.sweep_slurm import check_slurm
+
         check_slurm()
+    groups = local_gpu_groups(options) if options.backend == "local" else []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
                                   "runs": {str(path.name): arguments for path, arguments, _ in runs}})
-    # Local jobs see the GPUs the sweep sees (submitit would hide them); Slurm sets them per job.
-    environment = {} if options.backend == "slurm" else {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    to_run = [TrainingJob(options.config, path, arguments, environment, family.runner)
-              for path, arguments, config in runs if not is_finished(path, config)]
-    if to_run and options.backend == "local":  # decode (or download) the data once, not in every job at once
-        from src.data import load_dataset
-
-        for dataset, label_mode in {(config["dataset"], config["label_mode"]) for _, _, config in runs}:
-            load_dataset(dataset, label_mode=label_mode)
-    outcome, stopped_by = {}, None
-    if to_run:
-        parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
-                                      options.cpus, options.mem, options.array_parallelism)
-        executor = make_executor(options.backend, sweep_dir, parameters)
-        if options.backend == "slurm":
-            outcome = run_slurm(to_run, executor)
-        else:
-            outcome, stopped_by = run_local(to_run, executor, options.max_parallel)
+    to_run = [(path, arguments, config) for path, arguments, config in runs if not is_finished(path, config)]
+    outcome, stopped_by = launch(options, sweep_dir, to_run, family, groups) if to_run else ({}, None)
     return summarize(sweep_dir, outcome, stopped_by)
+
+
+def local_gpu_groups(options):
+    """With --gpus_per_job=K, the groups of K visible GPUs, one per local job running at once (with
+    --max_parallel, at most that many); none without GPUs, where the sweep runs as without the option."""
+    from src.sweep import gpu_groups, visible_gpus
+
+    if not options.gpus_per_job:
+        return []
+    gpus = visible_gpus()
+    groups = gpu_groups(options.gpus_per_job, gpus)[:options.max_parallel or None]
+    if groups:
+        print(f"{len(gpus)} GPUs visible: {len(groups)} jobs at a time, each on {options.gpus_per_job} of its own")
+    else:
+        print(f"--gpus_per_job={options.gpus_per_job}: no GPU visible, so the runs share this machine's CPUs")
+    return groups
+
+
+def launch(options, sweep_dir, runs, family, groups):
+    """Run the unfinished points -> ({run folder: None or the failure's one line}, the stopping signal or None)."""
+    from src.data import load_dataset
+    from src.sweep import TrainingJob, make_executor, run_local
+    from src.sweep_slurm import run_slurm, slurm_parameters
+
+    if options.backend == "slurm":  # Slurm gives each job its GPUs
+        jobs = [TrainingJob(options.config, path, arguments, {}, family.runner) for path, arguments, _ in runs]
+        parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
+                                      options.cpus, options.mem, options.array_parallelism, options.signal_delay)
+        return run_slurm(jobs, make_executor("slurm", sweep_dir, parameters), sweep_dir, sweep_dir.name), None
+    # Local jobs see the GPUs the sweep sees (submitit would hide them), or their group's.
+    environment = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    jobs = [TrainingJob(options.config, path, arguments, environment, family.runner) for path, arguments, _ in runs]
+    for dataset, label_mode in {(config["dataset"], config["label_mode"]) for _, _, config in runs}:
+        load_dataset(dataset, label_mode=label_mode)  # decode (or download) the data once, not in every job at once
+    return run_local(jobs, make_executor("local", sweep_dir, {}), options.max_parallel or 1, gpu_groups=groups)
 
 
 def summarize(sweep_dir, outcome, stopped_by):
