@@ -31,8 +31,9 @@ def plot_curves(log, path, title):
     loss_axes, acc_axes = figure.subplots(1, 2)
     for axes, metric, label in ((loss_axes, "loss", "cross-entropy loss"), (acc_axes, "acc", "accuracy")):
         axes.plot(log["epoch"], log[f"train_{metric}"], label="training", **TRAIN_STYLE)
-        if log[f"valid_{metric}"].notna().any():
-            axes.plot(log["epoch"], log[f"valid_{metric}"], label="validation", **VALID_STYLE)
+        valid = log[f"valid_{metric}"].notna()  # epochs not validated (valid_every > 1) are skipped, not gaps
+        if valid.any():
+            axes.plot(log["epoch"][valid], log[f"valid_{metric}"][valid], label="validation", **VALID_STYLE)
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.set_title(label.capitalize())
@@ -50,8 +51,9 @@ def plot_runs(logs, path, title="Runs compared"):
         log = log.reindex(columns=["epoch", "valid_acc", "valid_loss", "train_loss"])  # a column missing: a gap
         if not len(log):
             continue
-        line = acc_axes.plot(log["epoch"], log["valid_acc"], label=name, **TRAIN_STYLE)[0]
-        loss_axes.plot(log["epoch"], log["valid_loss"], color=line.get_color(), **TRAIN_STYLE)
+        valid = log.dropna(subset=["valid_acc"])  # epochs not validated (valid_every > 1): skipped, not gaps
+        line = acc_axes.plot(valid["epoch"], valid["valid_acc"], label=name, **TRAIN_STYLE)[0]
+        loss_axes.plot(valid["epoch"], valid["valid_loss"], color=line.get_color(), **TRAIN_STYLE)
         loss_axes.plot(log["epoch"], log["train_loss"], color=line.get_color(), alpha=0.5, **VALID_STYLE)
     acc_axes.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     loss_axes.set(title="Loss (solid: validation, dashed: training)", xlabel="epoch", ylabel="cross-entropy loss")
@@ -77,6 +79,8 @@ def plot_groups(groups, path, title="Configurations compared"):
             continue
         by_epoch = pd.concat(logs).astype(float).groupby("epoch")
         mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)  # one run: no band
+        train_loss = mean["train_loss"]
+        mean, std = mean[mean["valid_acc"].notna()], std[mean["valid_acc"].notna()]  # epochs not validated
         line = acc_axes.plot(mean.index, mean["valid_acc"], label=label, **TRAIN_STYLE)[0]
         color = line.get_color()
         acc_axes.fill_between(mean.index, mean["valid_acc"] - std["valid_acc"], mean["valid_acc"] + std["valid_acc"],
@@ -84,7 +88,7 @@ def plot_groups(groups, path, title="Configurations compared"):
         loss_axes.plot(mean.index, mean["valid_loss"], color=color, **TRAIN_STYLE)
         loss_axes.fill_between(mean.index, mean["valid_loss"] - std["valid_loss"],
                                mean["valid_loss"] + std["valid_loss"], color=color, alpha=0.2, linewidth=0)
-        loss_axes.plot(mean.index, mean["train_loss"], color=color, alpha=0.5, **VALID_STYLE)
+        loss_axes.plot(train_loss.index, train_loss, color=color, alpha=0.5, **VALID_STYLE)
     acc_axes.set(title="Validation accuracy (mean ± 1 std)", xlabel="epoch", ylabel="accuracy")
     loss_axes.set(title="Loss (solid: validation ± 1 std, dashed: training)", xlabel="epoch",
                   ylabel="cross-entropy loss")
