@@ -78,11 +78,23 @@ def test_local_sweep_runs_two_at_a_time_and_a_rerun_skips_finished_runs(data_dir
     assert first.stdout.count("started ") == 4
     table = first.stdout[first.stdout.index("run "):]
     assert table.count("finished") == 4 and "lr" in table.splitlines()[0]
+    assert "seeds aggregated" not in first.stdout  # no seeds in this grid: nothing to aggregate
     again = sweep(data_dir, *args)
     assert again.returncode == 0, again.stderr
     plan = [line for line in again.stdout.splitlines() if str(sweep_dir) in line]
     assert len(plan) == 4 and all(line.startswith("finished") for line in plan)
     assert "started " not in again.stdout
+
+
+def test_a_sweep_with_seeds_ends_with_the_grouped_table(data_dir, tmp_path):
+    sweep_dir = tmp_path / "seeds"
+    result = sweep(data_dir, "cifar10", sweep_dir, *TINY, "--n_filters=4", "--lr=0.1,0.05", "--n_epochs=1",
+                   "--seeds=2", "--max_parallel=2")
+    assert result.returncode == 0, result.stderr
+    grouped = result.stdout[result.stdout.index("seeds aggregated"):].splitlines()[1:]
+    header, rows = grouped[0].split(), [line for line in grouped[2:] if line.strip()]
+    assert header[:2] == ["lr", "n"] and "best_valid_acc" in header and "seed" not in header
+    assert len(rows) == 2 and all(" 2 " in row and "±" in row for row in rows)  # two seeds per learning rate
 
 
 def test_sweep_killed_midway_resumes_where_it_stopped(reference_run, data_dir, tmp_path):

@@ -105,7 +105,7 @@ def main(argv=None):
                                   "runs": {str(path.name): arguments for path, arguments, _ in runs}})
     to_run = [(path, arguments, config) for path, arguments, config in runs if not is_finished(path, config)]
     outcome, stopped_by = launch(options, sweep_dir, to_run, family, groups) if to_run else ({}, None)
-    return summarize(sweep_dir, outcome, stopped_by)
+    return summarize(sweep_dir, outcome, stopped_by, grouped=bool(options.seeds) or "seed" in overrides)
 
 
 def local_gpu_groups(options):
@@ -143,15 +143,19 @@ def launch(options, sweep_dir, runs, family, groups):
     return run_local(jobs, make_executor("local", sweep_dir, {}), options.max_parallel or 1, gpu_groups=groups)
 
 
-def summarize(sweep_dir, outcome, stopped_by):
-    """Print the run table and each failure's reason -> the exit code: 128 + N after signal N, 1 if a point failed."""
+def summarize(sweep_dir, outcome, stopped_by, grouped=False):
+    """Print the run table (then, when the grid has seeds, the same runs with seeds aggregated) and each
+    failure's reason -> the exit code: 128 + N after signal N, 1 if a point failed."""
     from src.analysis import load_runs
-    from src.run_table import as_text, build_table
+    from src.run_table import as_text, build_table, grouped_text
     from src.sweep import signal_name
 
     table = load_runs(sweep_dir)
     if not table.empty:
         print(as_text(build_table(table)), end="")
+        if grouped:
+            print("\nseeds aggregated (mean ± std over each configuration's runs; report.py --group-seeds):")
+            print(grouped_text(table), end="")
     failed = {path: error for path, error in outcome.items() if error}
     for path, error in failed.items():
         print(f"failed: {path}: {error}", file=sys.stderr)
