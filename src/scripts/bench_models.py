@@ -36,6 +36,7 @@ def measure(config, batch, steps, device, precision):
 
     import torch
 
+    from src.hardware import grad_scaler
     from src.main_loop import build_training_model, train_step
     from src.model_size import model_size
     from src.models import build_model
@@ -51,11 +52,12 @@ def measure(config, batch, steps, device, precision):
     n_classes = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
     batches = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device),
                 torch.randint(0, n_classes, (batch,), generator=generator).to(device)) for _ in range(steps + 1)]
-    train_step(model, optimizer, batches[0], device, precision)  # warm-up: kernels chosen, memory allocated
+    scaler = grad_scaler(device, precision)  # fp16 (auto on a pre-Ampere GPU) steps as the loop's do
+    train_step(model, optimizer, batches[0], device, precision, scaler=scaler)  # warm-up: kernels, memory
     synchronize(device)
     started = time.perf_counter()
     for batch_of_images in batches[1:]:
-        train_step(model, optimizer, batch_of_images, device, precision)
+        train_step(model, optimizer, batch_of_images, device, precision, scaler=scaler)
     synchronize(device)
     return parameters, macs, steps * batch / (time.perf_counter() - started)
 
