@@ -12,7 +12,7 @@ from pathlib import Path
 as_script = "__file__" in globals()  # in a notebook, start it from the repository root instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]) if as_script else os.getcwd())
 
-from src.analysis import load_main_loop, load_runs  # noqa: E402
+from src.analysis import group_seeds, load_main_loop, load_runs  # noqa: E402
 from src.plots import plot_runs  # noqa: E402
 
 args = sys.argv[1:] if as_script else []
@@ -34,6 +34,13 @@ print(runs[["run", "lr", "n_epochs", "state", "epochs_done", "best_valid_acc"]].
 # %%
 finished = runs[runs["state"] == "finished"]
 print(finished.groupby("lr")["best_valid_acc"].agg(["mean", "count"]))
+
+# %% [markdown]
+# Seeds aggregated: one row per configuration, mean ± std over its seeds (what `report.py --group-seeds` shows).
+
+# %%
+grouped = group_seeds(runs)
+print(grouped[["n", "finished", "best_valid_acc_mean", "best_valid_acc_std", "training_hours_mean"]].to_string())
 
 # %% [markdown]
 # The best run in detail: its per-epoch log and its best weights.
