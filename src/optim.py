@@ -60,7 +60,8 @@ class Lookahead:
 
     Attached to `optimizer` as a step hook, so the optimizer stays itself (its type, its `param_groups`); the
     slow weights live in its per-parameter state ("lookahead_slow"), so its state_dict, and with it every
-    checkpoint, holds them. `clock` (src.optim.Clock) is set before each step by `set_learning_rate`; without
+    checkpoint, holds them. They enter that state after the first step the optimizer takes: Adam(W) sets
+    up a parameter's state only while it is empty, and would fail on a state holding only the slow copy. `clock` (src.optim.Clock) is set before each step by `set_learning_rate`; without
     one (a bare step, as bench_models.py takes) the hook does nothing. Batch norm's running statistics are
     buffers, not the optimizer's: unlike airbench, they are not averaged.
     """
@@ -69,8 +70,7 @@ class Lookahead:
         self.optimizer, self.every, self.decay = optimizer, every, decay
         self.clock = None
         with torch.no_grad():  # the slow weights start as the initial ones, as airbench's
-            for p in self.trained():
-                optimizer.state[p]["lookahead_slow"] = p.detach().clone()
+            self.initial = {p: p.detach().clone() for p in self.trained()}
         optimizer.register_step_post_hook(self.after_step)
 
     def trained(self):
@@ -79,6 +79,10 @@ class Lookahead:
 
     @torch.no_grad()
     def after_step(self, optimizer, args, kwargs):
+        if self.initial:  # the first step taken (in this process): the slow weights join the optimizer's state
+            for p, initial in self.initial.items():
+                optimizer.state[p].setdefault("lookahead_slow", initial)  # a resumed run's are already there
+            self.initial = {}
         clock = self.clock
         if clock is None:
             return
