@@ -61,6 +61,17 @@ def test_a_model_that_cannot_run_on_meta_still_gets_its_parameters():
     assert model_size(model, (2,))["parameters"] == 6
 
 
+class AssertsOnData(nn.Module):
+    def forward(self, x):
+        assert x.device.type != "meta", "a check of the user's own"
+        return x.float()
+
+
+@pytest.mark.parametrize("failing", [AssertsOnData(), nn.Sequential(nn.Linear(3, 2), nn.Unflatten(1, (5, 5)))])
+def test_any_failure_on_meta_means_no_macs_not_a_failed_run(failing):
+    assert macs_per_image(failing, (3,)) is None
+
+
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
 def test_the_image_shape_is_the_datasets(shape):
     model = nn.Sequential(nn.Flatten(), nn.Linear(shape[0] * shape[1] * shape[2], 5))

@@ -94,8 +94,8 @@ def main(*, steps=3, out=RESULT_FILE, only=None, batch=0):
         parameters, macs, rate = measure(config, batch_size, steps, device, precision)
         rows.append({"config": name, "parameters": parameters, "macs": macs, "images_per_second": rate,
                      "batch": batch_size, "epoch_seconds_45k": 45000 / rate})
-        print(f"{name:18}{parameters:14,}{macs / 1e6:13.1f}M{rate:10.1f}{45000 / rate:16.0f}   {batch_size}",
-              flush=True)
+        shown = "-" if macs is None else f"{macs / 1e6:.1f}M"  # None: the model cannot run on the meta device
+        print(f"{name:18}{parameters:14,}{shown:>14}{rate:10.1f}{45000 / rate:16.0f}   {batch_size}", flush=True)
     environment = {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "steps": steps}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
