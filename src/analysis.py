@@ -242,7 +242,8 @@ def summarize_run(path):
         "state": run_state(path, status, config),
         "epochs_done": int(status.get("epochs_done", len(log))),
         "best_valid_acc": float(log["valid_acc"].max()) if has_valid else None,
-        "last_valid_acc": float(log["valid_acc"].dropna().iloc[-1]) if has_valid else None,  # valid_every: nulls between
+        # the last epoch validated: with valid_every > 1 the epochs between log null
+        "last_valid_acc": float(log["valid_acc"].dropna().iloc[-1]) if has_valid else None,
         "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else None,
         # Python's sum: absurd logged times add up to inf quietly, where numpy's would warn of an overflow
         "training_hours": sum(log["epoch_seconds"].dropna().tolist(), 0.0) / 3600 if len(log) else 0.0,

@@ -61,7 +61,8 @@ class Lookahead:
     Attached to `optimizer` as a step hook, so the optimizer stays itself (its type, its `param_groups`); the
     slow weights live in its per-parameter state ("lookahead_slow"), so its state_dict, and with it every
     checkpoint, holds them. They enter that state after the first step the optimizer takes: Adam(W) sets
-    up a parameter's state only while it is empty, and would fail on a state holding only the slow copy. `clock` (src.optim.Clock) is set before each step by `set_learning_rate`; without
+    up a parameter's state only while it is empty, and would fail on a state holding only the slow copy.
+    `clock` (src.optim.Clock) is set before each step by `set_learning_rate`; without
     one (a bare step, as bench_models.py takes) the hook does nothing. Batch norm's running statistics are
     buffers, not the optimizer's: unlike airbench, they are not averaged.
     """

@@ -30,6 +30,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
     """Evaluate the latest, the best and the EMA model of the run in SAVE_PATH on the test set (--test_set:
     test, cifar10.1 or cifar10c); --tta=flip or flip+shift (or both, comma-separated) adds test-time-augmented
     numbers beside the plain ones; --corruptions=NAME,... limits cifar10c to some corruptions."""
+    from src.cifar_files import CIFAR10_CLASSES
     from src.data import class_names, default_data_dir
     from src.hardware import choose_device
 
@@ -41,7 +42,10 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
                          f"{config['dataset']} ({config['label_mode']} labels)")
     target = choose_device(device)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    names = class_names(config["dataset"], config["label_mode"], data_dir)  # from the archive's own meta file
+    if test_set == "test":
+        names = class_names(config["dataset"], config["label_mode"], data_dir)  # from the archive's own meta file
+    else:  # the shift sets label in CIFAR-10's order; their own files hold no names (and no CIFAR-10 is needed)
+        names = list(CIFAR10_CLASSES)
     result = {"dataset": config["dataset"], "label_mode": config["label_mode"], "test_set": test_set,
               "epochs_done": run.status.get("epochs_done"), "iterations_done": run.status.get("iterations_done"),
               "last_model_checkpoint": run.checkpoint.name, "models": list(models), "tta": ttas,
