@@ -6,7 +6,7 @@
     status.json       epochs_done, iterations_done, finished, ...
     checkpoints/      checkpoint_<iteration>.pt, the two newest
     best_model.pt     weights with the best validation accuracy so far
-    curves.png        learning curves, redrawn after every epoch
+    curves.png        learning curves, redrawn at most every plot_every_seconds and at the end
     tensorboard/      TensorBoard event files
     stdout.log, stderr.log   copies of what the runs printed
     eval_<set>.json, confusion_<set>_*, reliability_<set>_*.png, predictions_<set>_*.npz   written by evaluate.py
