@@ -2,7 +2,8 @@
 # A one-node Slurm cluster on this machine, for the tests and for trying the Slurm path on a workstation:
 #   sudo bash etc/local_slurm.sh up      # install (if missing), configure and start; a no-op when already up
 #   sudo bash etc/local_slurm.sh down    # stop exactly the daemons `up` started
-#   bash etc/local_slurm.sh status       # exit 0 when the node answers
+#   bash etc/local_slurm.sh status       # exit 0 when the node is usable; 1 when it is down, drained,
+#                                        # not responding or powered off, or no cluster answers
 # Debian/Ubuntu only (apt-get), as root. Nothing in the project depends on it: on a real cluster, use that.
 # It writes /etc/slurm/slurm.conf (refusing to replace one it did not write), creates a munge key if
 # there is none, starts munged, slurmctld and slurmd directly (no systemd needed) and waits until
@@ -16,11 +17,20 @@ LOGS=/var/log/slurm
 MUNGE_PID=/run/munge/munged.pid
 SPOOL=/var/lib/slurm
 PARTITION=local
+POLICY_DIR=${LOCAL_SLURM_POLICY_DIR:-/usr/sbin}  # where policy-rc.d goes (the tests use a scratch folder)
 
 say() { echo "local_slurm: $*"; }
 die() { echo "local_slurm: error: $*" >&2; exit 1; }
 
 node_state() { sinfo --noheader --nodes="$(hostname -s)" --format=%T 2>/dev/null | head -1; }
+
+# Whether a node state (sinfo's %T) can run jobs: exactly idle, mixed, allocated or completing. sinfo marks
+# a node whose slurmd does not answer with a suffix (`idle*`: not responding; `~` powered off, `#` powering
+# up, `%` powering down, `!` power down pending, `@` reboot pending, `^` rebooting): none of those can.
+usable() { case "$1" in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac; }
+
+POLICY_OURS=()  # the policy-rc.d that install_packages wrote, if any
+remove_policy() { [ ${#POLICY_OURS[@]} -eq 0 ] || rm -f "${POLICY_OURS[@]}"; POLICY_OURS=(); }
 
 install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
@@ -29,15 +39,20 @@ install_packages() {
     say "installing slurm-wlm and munge with apt-get"
     local started=$SECONDS
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    # policy-rc.d 101: the packages' scripts must not start daemons of their own, with another config
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d.local_slurm
-    chmod +x /usr/sbin/policy-rc.d.local_slurm
-    local had_policy=0
-    [ -e /usr/sbin/policy-rc.d ] && had_policy=1
-    [ $had_policy -eq 1 ] || cp /usr/sbin/policy-rc.d.local_slurm /usr/sbin/policy-rc.d
+    # policy-rc.d 101: the packages' scripts must not start daemons of their own, with another config.
+    # Removed however this ends: a failed apt-get (set -e exits) or a Ctrl-C must not leave behind a policy
+    # that would keep every later package from starting its service. A policy of the system's own stays.
+    trap remove_policy EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    if [ ! -e "$POLICY_DIR/policy-rc.d" ]; then
+        POLICY_OURS=("$POLICY_DIR/policy-rc.d")
+        printf '#!/bin/sh\nexit 101\n' >"$POLICY_DIR/policy-rc.d"
+        chmod +x "$POLICY_DIR/policy-rc.d"
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
-    [ $had_policy -eq 1 ] || rm -f /usr/sbin/policy-rc.d
-    rm -f /usr/sbin/policy-rc.d.local_slurm
+    remove_policy
+    trap - EXIT INT TERM
     say "installed in $((SECONDS - started)) s"
 }
 
@@ -131,8 +146,8 @@ wait_idle() {
     local state
     for _ in $(seq 1 120); do
         state=$(node_state || true)
+        usable "$state" && return 0
         case "$state" in
-            idle*|mixed*|allocated*) return 0 ;;
             down*|drain*) scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true ;;
         esac
         sleep 0.5
@@ -146,7 +161,7 @@ up() {
     install_packages
     # sinfo only when our slurmctld runs: without a controller it takes 9 s to give up
     if [ -f "$CONF" ] && grep -qF "$MARK" "$CONF" && running slurmctld; then
-        case "$(node_state || true)" in idle*|mixed*|allocated*) say "already up"; return 0 ;; esac
+        usable "$(node_state || true)" && { say "already up"; return 0; }
     fi
     mkdir -p "$STATE"
     write_config
@@ -179,10 +194,21 @@ down() {
     say "down"
 }
 
+status() {  # exit 0 only when the node can run jobs
+    local state
+    state=$(node_state || true)
+    [ -n "$state" ] || { say "no cluster answers"; exit 1; }
+    usable "$state" && { say "node $(hostname -s) is $state"; exit 0; }
+    say "node $(hostname -s) is $state: not usable (down, drained, not responding or powered off; see $LOGS/slurmd.log)"
+    exit 1
+}
+
+# Sourced (as the tests do), it only defines its functions.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 case "${1:-}" in
     up) up ;;
     down) down ;;
-    status) state=$(node_state || true); [ -n "$state" ] && { say "node $(hostname -s) is $state"; exit 0; }
-            say "no cluster answers"; exit 1 ;;
+    status) status ;;
     *) echo "usage: bash etc/local_slurm.sh up|down|status" >&2; exit 2 ;;
 esac

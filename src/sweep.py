@@ -310,9 +310,10 @@ def submit_shielded(executor, job):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_local(jobs_to_run, executor, max_parallel, say=print, gpu_groups=()):
+def run_local(jobs_to_run, executor, max_parallel, finished, say=print, gpu_groups=()):
     """Submit at most `max_parallel` jobs at a time, or with `gpu_groups`, one per free group, whose GPUs
-    alone the job's run sees -> ({save_path: error text or None}, the stopping signal or None).
+    alone the job's run sees -> ({save_path: error text or None}, the stopping signal or None). A job
+    succeeded when `finished(save_path)` says its run folder is finished.
 
     On SIGTERM/SIGINT, each running job's controller gets SIGTERM, which submitit passes to the job and the
     job, once, to its run; repeated every second, since a process still starting may not have its
@@ -336,7 +337,7 @@ def run_local(jobs_to_run, executor, max_parallel, say=print, gpu_groups=()):
             still = []
             for job, handle, gpus in running:
                 if handle.done():
-                    outcome[job.save_path] = _error_of(handle)
+                    outcome[job.save_path] = _error_of(job, handle, finished)
                     say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path}")
                     free.append(gpus)
                 else:
@@ -346,25 +347,14 @@ def run_local(jobs_to_run, executor, max_parallel, say=print, gpu_groups=()):
     return outcome, stop.signal_number
 
 
-def _error_of(handle):
-    """None when the local job succeeded, else one line: the run's reason, or the last line of what failed.
+def _error_of(job, handle, finished):
+    """None when the local job's run finished, else one line: the reason its stderr gives, or how the job ended.
 
-    A local job's result is on this machine's disk when it ends: a missing one is reported at once, where
-    submitit would give a shared file system 15 s to show it."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError
-
-    if not handle.paths.result_pickle.exists():
-        return ended_without_result(handle.paths.stderr)
-    try:
-        handle.result()
-        return None
-    except UncompletedJobError as e:
-        if not isinstance(e, FailedJobError):  # killed, or stopped before it could start its run
-            return ended_without_result(handle.paths.stderr)
-        error = e  # the job raised: submitit gives its traceback as text
-    except Exception as e:
-        error = e
-    return failure_line(str(error)) or type(error).__name__
+    Never from submitit's result pickle (handle.result()): the sweep folder holds it, and a file planted
+    there would run code in the sweep; the run folder's status.json and the job's stderr say it all."""
+    code = handle._process.returncode if handle._process is not None else None
+    ended = f"by {signal_name(-code)}" if code is not None and code < 0 else None
+    return point_outcome(finished(job.save_path), handle.paths.stderr, ended)
 
 
 def failure_line(text):
@@ -380,19 +370,36 @@ def failure_line(text):
     return lines[0].strip() if lines else None
 
 
-def ended_without_result(stderr_path):
-    """One line for a job that left no result: Slurm's reason (time limit, cancelled, node failure) or the
-    run's last `error: ...` line, from the job's stderr."""
+def point_outcome(finished, stderr_path, ended=None):
+    """None when the point's run finished (`finished`: its run folder says so, with the config asked for),
+    else one line: the reason in its job's stderr, or how the job ended (`ended`, e.g. `by SIGKILL`)."""
+    if finished:
+        return None
+    how = f" {ended}" if ended else ""
+    return stderr_reason(stderr_path) or f"its job ended{how} without finishing the run; rerun the sweep to resume it"
+
+
+def stderr_reason(stderr_path):
+    """The reason a job's stderr gives for its end, in one line, or None: Slurm's (time limit, cancelled, node
+    failure), else our RunFailed's (the run's own reason, raised by the job), else the run's last `error: ...`
+    line, else the exception line of the job's last traceback."""
     try:
         with open(stderr_path, "rb") as file:  # its end: a long run's log can be large
             file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
-            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+            raw = [line.rstrip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
-        lines = []
+        return None
+    lines = [line.strip() for line in raw]
     for line in reversed(lines):
         if "***" in line:  # slurmstepd: error: *** JOB 12 ON node CANCELLED AT ... DUE TO TIME LIMIT ***
             return f"Slurm: {line.split('***')[1].strip()}; rerun the sweep to resume it"
+    for line in reversed(lines):
+        if line.startswith(RUN_FAILED):
+            return line[len(RUN_FAILED):]
     errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
     if errors:
         return errors[-1]
-    return "its job ended without a result (cancelled or killed before it could start); rerun the sweep to resume it"
+    tracebacks = [i for i, line in enumerate(raw) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks:  # its exception is the first unindented line after the frames
+        return next((line[:300] for line in raw[tracebacks[-1] + 1:] if not line[0].isspace()), None)
+    return None

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from src.errors import RunError
-from src.sweep import ended_without_result, failure_line
+from src.sweep import point_outcome
 
 # States in which Slurm still has a job's point: it will run, is running or is being requeued.
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING", "RESIZING",
@@ -116,9 +116,9 @@ def submit_array(jobs, executor, sweep_dir):
     return folders
 
 
-def wait_for(folders, job_name, sweep_dir, say=print):
+def wait_for(folders, job_name, sweep_dir, finished, say=print):
     """Block until Slurm has none of the jobs of `folders` ({job id: run folder}) -> {job id: None, or its
-    one-line failure}."""
+    one-line failure}; a job succeeded when `finished(run folder)` says its run is finished."""
     waiting, pause, outcome, answered = set(folders), POLL_SECONDS[0], {}, time.monotonic()
     while waiting:
         try:
@@ -130,7 +130,7 @@ def wait_for(folders, job_name, sweep_dir, say=print):
             time.sleep(pause)
             continue
         for job_id in sorted(waiting - live):
-            outcome[job_id] = job_error(Path(sweep_dir) / ".submitit", job_id)
+            outcome[job_id] = job_error(Path(sweep_dir) / ".submitit", job_id, finished(folders[job_id]))
             say(f"{'done' if outcome[job_id] is None else 'FAILED'}: {folders[job_id]} (job {job_id})")
         waiting &= live
         if waiting:
@@ -139,23 +139,36 @@ def wait_for(folders, job_name, sweep_dir, say=print):
     return outcome
 
 
-def job_error(folder, job_id):
-    """None when the job's result says it succeeded, else one line: the run's reason, or how the job ended."""
-    from submitit.core.utils import JobPaths, pickle_load
+def job_error(folder, job_id, finished):
+    """None when the job's run `finished`, else one line: the reason in the job's stderr, or Slurm's final state.
 
-    paths = JobPaths(folder / "%j", job_id=job_id, task_id=0)
-    if paths.result_pickle.exists():
-        try:
-            outcome, result = pickle_load(paths.result_pickle)  # written by the job, as submitit itself reads it
-        except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say so, in one line)
-            return f"its result file {paths.result_pickle} is unreadable ({type(e).__name__})"
-        return None if outcome == "success" else failure_line(str(result)) or "the job failed"
-    return ended_without_result(paths.stderr)
+    Never from submitit's result pickle: the sweep folder holds it, and a file planted there would run
+    code when the sweep is rerun; the run folder's status.json and the job's stderr say it all."""
+    from submitit.core.utils import JobPaths
+
+    if finished:
+        return None
+    state = final_state(job_id)
+    return point_outcome(False, JobPaths(folder / "%j", job_id=job_id, task_id=0).stderr,
+                         f"in Slurm's state {state}" if state else None)
 
 
-def run_slurm(jobs_to_run, executor, sweep_dir, job_name, say=print):
+def final_state(job_id):
+    """The state Slurm gives a job that left its queue (COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL,
+    OUT_OF_MEMORY...), or None once slurmctld has forgotten it (MinJobAge, 300 s by default)."""
+    try:
+        done = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = dict(word.partition("=")[::2] for word in done.stdout.split() if "=" in word)
+    return fields.get("JobState") if done.returncode == 0 else None
+
+
+def run_slurm(jobs_to_run, executor, sweep_dir, job_name, finished, say=print):
     """Submit the points Slurm does not already have as one job array, then wait for them and for the
-    already queued ones -> {run folder: None or the failure's one line}. Ctrl-C leaves the jobs running."""
+    already queued ones -> {run folder: None or the failure's one line}; `finished(run folder)` says whether
+    a point's run is finished. Ctrl-C leaves the jobs running."""
     queued = queued_points(sweep_dir, job_name)
     new = [job for job in jobs_to_run if job.save_path not in queued]
     for job in jobs_to_run:
@@ -167,7 +180,7 @@ def run_slurm(jobs_to_run, executor, sweep_dir, job_name, say=print):
         submitted = submit_array(new, executor, sweep_dir)
         say(f"submitted job array {next(iter(submitted)).split('_')[0]} with {len(new)} runs")
         folders.update(submitted)
-    outcome = wait_for(folders, job_name, sweep_dir, say)
+    outcome = wait_for(folders, job_name, sweep_dir, finished, say)
     return {folders[job_id]: error for job_id, error in outcome.items()}
 
 

@@ -6,6 +6,7 @@ each test's requeued jobs start again at once, as a busy cluster's scheduler wou
 """
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -17,7 +18,8 @@ from conftest import REPO, TINY, assert_identical, script_env, wait_for_mid_epoc
 from test_distributed import DDP_ARGS, ddp_reference  # noqa: F401  (the uninterrupted 2-process run)
 from test_sweep import GRID_ARGS, sweep
 
-pytestmark = pytest.mark.slurm
+cluster = pytest.mark.slurm  # the tests that need one; etc/local_slurm.sh's own logic is tested without
+LOCAL_SLURM = REPO / "etc" / "local_slurm.sh"
 FAULTS = str(Path(__file__).parent / "faults")
 # Every fsync sleeps: a run of these settings then lasts some seconds without using the cores (the tests
 # must catch it running), and computes exactly what it would without the sleeps.
@@ -81,6 +83,77 @@ def state_of(job_id):
     return {job: state for job, state in squeue("%i", "%T")}.get(job_id)
 
 
+def fake_sinfo(tmp_path, *states):
+    """A folder for PATH's front whose `sinfo` answers `states` in turn (the last one from then on) and whose
+    `scontrol` does nothing; tmp_path/calls counts the sinfo calls."""
+    folder = tmp_path / "bin"
+    folder.mkdir(parents=True)
+    (tmp_path / "states").write_text("".join(f"{state}\n" for state in states))
+    (folder / "sinfo").write_text(
+        f"#!/bin/sh\nn=$(( $(cat {tmp_path}/calls 2>/dev/null || echo 0) + 1 )); echo $n >{tmp_path}/calls\n"
+        f"line=$(sed -n ${{n}}p {tmp_path}/states); [ -n \"$line\" ] || line=$(tail -n 1 {tmp_path}/states)\n"
+        "[ \"$line\" = none ] || echo \"$line\"\n")
+    (folder / "scontrol").write_text("#!/bin/sh\nexit 0\n")
+    for command in folder.iterdir():
+        command.chmod(0o755)
+    return folder
+
+
+def local_slurm(script, path, **env):
+    """bash with etc/local_slurm.sh sourced (its functions only), then `script`, with `path` first on PATH."""
+    return subprocess.run(["bash", "-c", f"source {LOCAL_SLURM}; {script}"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PATH": f"{path}:{os.environ['PATH']}", **env})
+
+
+def test_local_slurm_status_fails_on_a_node_that_cannot_run_jobs(tmp_path):
+    """sinfo's `idle*` is a node whose slurmd does not answer; `~` powered off, `#` powering up."""
+    states = ("idle", "mixed", "allocated", "idle*", "idle~", "idle#", "mixed*", "down*", "drained", "none")
+    for i, state in enumerate(states):
+        bin_dir = fake_sinfo(tmp_path / str(i), state)
+        done = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        usable = state in ("idle", "mixed", "allocated")
+        assert done.returncode == (0 if usable else 1), (state, done.stdout, done.stderr)
+        assert ("not usable" in done.stdout) == (not usable and state != "none"), (state, done.stdout)
+
+
+def test_local_slurm_waits_while_the_node_does_not_respond(tmp_path):
+    """`up` waits for a node that can run jobs: `idle*` (slurmd dead) is not one."""
+    bin_dir = fake_sinfo(tmp_path, "idle*", "idle*", "idle~", "idle")
+    done = local_slurm("wait_idle", bin_dir)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "calls").read_text().strip() == "4"
+    for state in ("idle*", "idle~", "idle#", "mixed*", "allocated*", "down", "drained", ""):
+        assert local_slurm(f"usable '{state}'", bin_dir).returncode == 1, state
+    for state in ("idle", "mixed", "allocated", "completing"):
+        assert local_slurm(f"usable '{state}'", bin_dir).returncode == 0, state
+
+
+def test_local_slurm_leaves_no_policy_behind_when_apt_get_fails(tmp_path):
+    """The policy that keeps the packages from starting daemons goes, however the install ends; the
+    system's own stays."""
+    bin_dir, policy_dir = tmp_path / "bin", tmp_path / "sbin"
+    bin_dir.mkdir()
+    policy_dir.mkdir()
+    apt_get = bin_dir / "apt-get"  # `install` notes whether the policy is in place, then fails
+    apt_get.write_text(f"#!/bin/sh\n[ \"$1\" = update ] && exit 0\ncat {policy_dir}/policy-rc.d >{tmp_path}/seen"
+                       "\nexit 100\n")
+    apt_get.chmod(0o755)
+    path = f"{bin_dir}:/usr/bin:/bin"  # not /usr/sbin: slurmctld looks missing, so it installs
+    done = subprocess.run(["bash", "-c", f"source {LOCAL_SLURM}; install_packages"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": path,
+                                                      "LOCAL_SLURM_POLICY_DIR": str(policy_dir)})
+    assert done.returncode == 100, done.stderr
+    assert "exit 101" in (tmp_path / "seen").read_text()  # in place while apt-get ran
+    assert list(policy_dir.iterdir()) == []
+    (policy_dir / "policy-rc.d").write_text("the system's own\n")
+    done = subprocess.run(["bash", "-c", f"source {LOCAL_SLURM}; install_packages"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": path,
+                                                      "LOCAL_SLURM_POLICY_DIR": str(policy_dir)})
+    assert done.returncode == 100 and (policy_dir / "policy-rc.d").read_text() == "the system's own\n"
+
+
+@cluster
 def test_a_grid_runs_as_a_job_array_and_a_rerun_skips_every_finished_point(data_dir, tmp_path, released):
     sweep_dir = unique(tmp_path, "grid")
     released.add(sweep_dir.name)
@@ -98,6 +171,7 @@ def test_a_grid_runs_as_a_job_array_and_a_rerun_skips_every_finished_point(data_
     assert len(list((sweep_dir / ".submitit").glob("array_*.json"))) == 1
 
 
+@cluster
 def test_a_warned_array_task_checkpoints_is_requeued_and_resumes_exactly(reference_run, data_dir, tmp_path,
                                                                         released):
     """`scancel --signal=USR2 --batch`: the warning a scheduler sends to the batch shell alone."""
@@ -115,6 +189,7 @@ def test_a_warned_array_task_checkpoints_is_requeued_and_resumes_exactly(referen
     assert_identical(reference_run, run)
 
 
+@cluster
 def test_a_run_longer_than_its_time_limit_is_warned_requeued_and_finishes(data_dir, tmp_path, released):
     """--time=1 (minute), warned 15 s ahead (Slurm warns up to a minute early: with 30 s, 23 s into the job);
     the run needs about 65 s (9 s an epoch: sleeping fsyncs, a checkpoint after every step): no attempt can
@@ -133,6 +208,7 @@ def test_a_run_longer_than_its_time_limit_is_warned_requeued_and_finishes(data_d
     assert json.loads((run / "status.json").read_text())["finished"]
 
 
+@cluster
 def test_a_rerun_while_the_jobs_are_queued_or_running_submits_nothing_twice(data_dir, tmp_path, released):
     sweep_dir = unique(tmp_path, "twice")
     released.add(sweep_dir.name)
@@ -150,6 +226,7 @@ def test_a_rerun_while_the_jobs_are_queued_or_running_submits_nothing_twice(data
     assert again.stdout[again.stdout.index("run "):].count("finished") == 2
 
 
+@cluster
 def test_a_failed_point_shows_its_reason_not_a_log_path(data_dir, tmp_path, released):
     """One point the runner refuses (a folder that is not a run folder), one cancelled while it runs."""
     sweep_dir = unique(tmp_path, "fails")
@@ -171,6 +248,54 @@ def test_a_failed_point_shows_its_reason_not_a_log_path(data_dir, tmp_path, rele
     assert ".submitit" not in err and "Traceback" not in err
 
 
+
+def runner_of(run):
+    """The pid of the runner process training `run` (argv: python RUNNER CONFIG RUN ...)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(run).encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2:4]:
+                found.append(int(pid))
+        except OSError:
+            continue  # ended meanwhile
+    (pid,) = found
+    return pid
+
+
+@cluster
+def test_a_result_pickle_planted_for_a_killed_job_is_never_loaded(data_dir, tmp_path, released):
+    """A job killed outright (SIGKILL) writes no result of its own: a hostile pickle planted where it would go
+    is what submitit's reader would load. The sweep says the point failed, its rerun finishes it; neither loads it."""
+    import pickle
+
+    from submitit.core.utils import JobPaths
+
+    from test_sweep import Hostile
+
+    sweep_dir, marker = unique(tmp_path, "planted"), tmp_path / "pwned"
+    released.add(sweep_dir.name)
+    args = ["cifar10", sweep_dir, *TINY, "--n_filters=4", "--n_epochs=2", "--checkpoint_every_n_batches=1", *SLURM]
+    (run,) = [Path(line.split()[2]) for line in sweep(data_dir, *args, "--dry_run").stdout.splitlines()]  # to run
+    process = sweep(data_dir, *args, wait=False, **SLOW)
+    job = job_of(sweep_dir, run)
+    wait_for_mid_epoch_checkpoint(process, run)
+    planted = JobPaths(sweep_dir / ".submitit" / "%j", job_id=job, task_id=0).result_pickle
+    planted.write_bytes(pickle.dumps(Hostile(marker)))
+    # As the kernel's OOM killer would: the job's process, then its run, before the job can write a result.
+    runner = runner_of(run)
+    job_process = int(Path(f"/proc/{runner}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+    os.kill(job_process, signal.SIGKILL)
+    os.kill(runner, signal.SIGKILL)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 1 and f"failed: {run}: " in err, err[-3000:]
+    assert "Traceback" not in err and planted.exists()
+    again = sweep(data_dir, *args, **SLOW)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text())["finished"]
+    assert not marker.exists(), "a result pickle from the sweep folder was loaded"
+
+
+@cluster
 def test_a_job_array_slurm_refuses_is_one_line(data_dir, tmp_path):
     """More CPUs per job than the node has: sbatch refuses it (EnforcePartLimits=ALL), the sweep says why."""
     cpus = max(int(line.split()[0]) for line in subprocess.run(["sinfo", "--noheader", "--format=%c"],
@@ -212,6 +337,7 @@ def wait_gone(job_id, timeout=240):
         time.sleep(0.3)
 
 
+@cluster
 def test_the_ddp_sbatch_script_checkpoints_when_warned_requeues_and_resumes_exactly(ddp_reference, data_dir,  # noqa: F811
                                                                                     tmp_path, released):
     run = unique(tmp_path, "ddp") / "run"

@@ -187,16 +187,111 @@ def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_a_slurm_job_that_left_no_result_reads_as_slurm_s_reason(tmp_path):
-    """A job that ended without a result (time limit, scancel, node failure): Slurm's one line, no log path."""
-    from src.sweep_slurm import job_error
+def test_a_slurm_job_that_did_not_finish_its_run_reads_as_its_reason(tmp_path, monkeypatch):
+    """Slurm's one line (time limit, scancel, node failure), else the job's RunFailed, else the exception of its
+    traceback, else Slurm's final state; never a log path."""
+    from src import sweep_slurm
 
+    monkeypatch.setattr(sweep_slurm, "final_state", lambda job_id: "OUT_OF_MEMORY")
     folder = tmp_path / ".submitit"
     (folder / "7_1").mkdir(parents=True)
-    (folder / "7_1" / "7_1_0_log.err").write_text(
-        "epoch 1/3\nslurmstepd: error: *** JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT ***\n")
-    assert job_error(folder, "7_1") == "Slurm: JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME LIMIT; " \
-                                      "rerun the sweep to resume it"
+    err = folder / "7_1" / "7_1_0_log.err"
+    err.write_text("epoch 1/3\nslurmstepd: error: *** JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE TO TIME "
+                   "LIMIT ***\n")
+    assert sweep_slurm.job_error(folder, "7_1", False) == "Slurm: JOB 8 ON vm CANCELLED AT 2026-12-02T08:29:26 DUE " \
+                                                         "TO TIME LIMIT; rerun the sweep to resume it"
+    assert sweep_slurm.job_error(folder, "7_1", True) is None  # its run folder says finished: that decides
+    err.write_text("error: an old one\nsubmitit ERROR Submitted job triggered an exception\nTraceback (most "
+                   "recent call last):\n  File \"x.py\", line 1\nsrc.sweep.RunFailed: the reason\n")
+    assert sweep_slurm.job_error(folder, "7_1", False) == "the reason"
+    err.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n    import src\n"
+                   "ModuleNotFoundError: No module named 'src'\nsubmitit WARNING bye\n")
+    assert sweep_slurm.job_error(folder, "7_1", False) == "ModuleNotFoundError: No module named 'src'"
+    err.write_text("epoch 1/3\n")
+    assert sweep_slurm.job_error(folder, "7_1", False) == "its job ended in Slurm's state OUT_OF_MEMORY without " \
+                                                         "finishing the run; rerun the sweep to resume it"
+
+
+class Hostile:
+    """A pickle that creates `marker` when it is loaded: what a file planted in a sweep folder could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_rerun_slurm_sweep_decides_from_the_run_folders_never_from_a_planted_result_pickle(tmp_path,
+                                                                                            monkeypatch):
+    """Two points Slurm had running, each with a hostile result pickle where submitit writes its result:
+    the one whose run folder is finished succeeded, the other failed with its stderr's reason; nothing loaded."""
+    import json
+    import pickle
+
+    from src import sweep_slurm
+    from src.sweep import is_finished
+
+    sweep_dir, marker = tmp_path / "grid", tmp_path / "pwned"
+    done, failed = sweep_dir / "n_filters=4", sweep_dir / "n_filters=8"
+    (sweep_dir / ".submitit").mkdir(parents=True)
+    (sweep_dir / ".submitit" / "array_7.json").write_text(json.dumps({"7_0": str(done), "7_1": str(failed)}))
+    for job_id in ("7_0", "7_1"):
+        (sweep_dir / ".submitit" / job_id).mkdir()
+        (sweep_dir / ".submitit" / job_id / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps(Hostile(marker)))
+    (sweep_dir / ".submitit" / "7_1" / "7_1_0_log.err").write_text("error: the run's own reason\n")
+    config = {**ROOT, "n_filters": 4}
+    done.mkdir()
+    (done / "config.json").write_text(json.dumps(config))
+    (done / "status.json").write_text(json.dumps({"finished": True}))
+    answers = iter([["7_0|RUNNING", "7_1|PENDING"], ["7_0|RUNNING"]])  # the rerun's look, then the sweep's waits
+    monkeypatch.setattr(sweep_slurm, "squeue", lambda *args: next(answers, []))
+    monkeypatch.setattr(sweep_slurm, "final_state", lambda job_id: "COMPLETED")
+    monkeypatch.setattr(sweep_slurm, "POLL_SECONDS", (0.01, 0.01))
+    jobs = [TrainingJob("cifar10", path, []) for path in (done, failed)]
+    expected = {str(done): config, str(failed): {**ROOT, "n_filters": 8}}
+    said = []
+    outcome = sweep_slurm.run_slurm(jobs, None, sweep_dir, "grid", lambda path: is_finished(path, expected[path]),
+                                    say=said.append)
+    assert outcome == {str(done): None, str(failed): "the run's own reason"}
+    assert not marker.exists(), "a result pickle from the sweep folder was loaded"
+    assert sum("already in Slurm's queue" in line for line in said) == 2
+
+
+def test_a_local_job_killed_with_a_planted_result_pickle_is_decided_without_loading_it(tmp_path, monkeypatch):
+    """The run plants a hostile pickle where its job's result goes, then SIGKILLs the job, which so never
+    writes its own: the sweep reports the point failed, and loads nothing."""
+    import pickle
+
+    from src.sweep import make_executor, run_local
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # submitit's job processes unpickle src.sweep.TrainingJob
+    marker, hostile = tmp_path / "pwned", tmp_path / "hostile.pkl"
+    hostile.write_bytes(pickle.dumps(Hostile(marker)))
+    sweep_dir = tmp_path / "sweep"
+    planting = tmp_path / "planting.py"
+    planting.write_text(
+        "import os, shutil, signal\njob = os.environ['SUBMITIT_LOCAL_JOB_ID']\n"
+        f"shutil.copy({str(hostile)!r}, os.path.join({str(sweep_dir)!r}, '.submitit', job, job + '_0_result.pkl'))\n"
+        "os.kill(os.getppid(), signal.SIGKILL)\n")
+    fine = tmp_path / "fine.py"
+    fine.write_text("import sys\nopen(sys.argv[2], 'w').write('done')\n")
+    jobs = [TrainingJob("cifar10", tmp_path / "killed", [], {}, planting),
+            TrainingJob("cifar10", tmp_path / "fine", [], {}, fine)]
+    outcome, stopped = run_local(jobs, make_executor("local", sweep_dir, {}), 2, lambda path: os.path.isfile(path),
+                                 say=lambda text: None)
+    assert stopped is None and outcome[str(tmp_path / "fine")] is None
+    assert outcome[str(tmp_path / "killed")] == "its job ended without finishing the run; rerun the sweep to resume it"
+    assert list(sweep_dir.glob(".submitit/*/*_result.pkl")), "the planted pickle was not where a result goes"
+    assert not marker.exists(), "a result pickle from the sweep folder was loaded"
+
+
+def test_gpus_per_job_on_slurm_is_refused_before_anything_is_written(data_dir, tmp_path):
+    """Slurm gives a job its GPUs with --gpus: --gpus_per_job there would be silently ignored."""
+    result = sweep(data_dir, "cifar10", tmp_path / "grid", "--lr=0.1,0.05", "--backend=slurm", "--gpus_per_job=2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--gpus_per_job=2 is for --backend=local" in result.stderr and "--gpus=2" in result.stderr
+    assert not (tmp_path / "grid").exists() and "Traceback" not in result.stderr
 
 
 def test_gpu_groups_from_the_visible_devices(monkeypatch):
@@ -226,8 +321,8 @@ def test_local_jobs_run_one_per_free_gpu_group_each_seeing_its_own(tmp_path, mon
     jobs = [TrainingJob("cifar10", tmp_path / f"run{i}", [], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, fake_runner)
             for i in range(4)]
     groups = gpu_groups(2, ["0", "1", "2", "3"])
-    outcome, stopped = run_local(jobs, make_executor("local", tmp_path / "sweep", {}), 1, say=lambda text: None,
-                                 gpu_groups=groups)
+    outcome, stopped = run_local(jobs, make_executor("local", tmp_path / "sweep", {}), 1,
+                                 lambda path: os.path.isfile(path), say=lambda text: None, gpu_groups=groups)
     assert stopped is None and list(outcome.values()) == [None] * 4
     seen = [json.loads((tmp_path / f"run{i}").read_text()) for i in range(4)]
     assert sorted(gpus for gpus, _, _ in seen) == ["0,1", "0,1", "2,3", "2,3"]

@@ -31,7 +31,8 @@ from src.errors import UsageError  # noqa: E402
 SWEEP_OPTIONS = {
     "backend": ("local", "local (on this machine) or slurm"),
     "max_parallel": (0, "local: runs at a time; 0: 1, or one per GPU group with --gpus_per_job"),
-    "gpus_per_job": (0, "local: GPUs of each job (its own CUDA_VISIBLE_DEVICES); 0: every job sees all"),
+    "gpus_per_job": (0, "local: GPUs of each job (its own CUDA_VISIBLE_DEVICES; the run trains on the first); "
+                        "0: every job sees all"),
     "seeds": (0, "add seed = 1..N to the grid"),
     "partition": ("", "slurm: partition"),
     "time": (60, "slurm: minutes per job before it is requeued"),
@@ -65,6 +66,9 @@ def parse(argv):
                         ("cpus", 1), ("mem", 1), ("array_parallelism", 1), ("signal_delay", 1)):
         if getattr(known, name) < least:
             raise UsageError(f"--{name} must be at least {least}, not {getattr(known, name)}")
+    if known.backend == "slurm" and known.gpus_per_job:  # it would be ignored: a job asked for no GPU at all
+        raise UsageError(f"--gpus_per_job={known.gpus_per_job} is for --backend=local; with --backend=slurm, "
+                         f"give each job its GPUs with --gpus={known.gpus_per_job}")
     if known.backend == "slurm" and known.signal_delay >= 60 * known.time:
         raise UsageError(f"--signal_delay={known.signal_delay} s is not shorter than --time={known.time} min: "
                          "every job would be warned as it starts")
@@ -127,20 +131,27 @@ def local_gpu_groups(options):
 def launch(options, sweep_dir, runs, family, groups):
     """Run the unfinished points -> ({run folder: None or the failure's one line}, the stopping signal or None)."""
     from src.data import load_dataset
-    from src.sweep import TrainingJob, make_executor, run_local
+    from src.sweep import TrainingJob, is_finished, make_executor, run_local
     from src.sweep_slurm import run_slurm, slurm_parameters
+
+    expected = {str(path): config for path, _, config in runs}
+
+    def finished(path):  # a point succeeded when its run folder says finished, with the config asked for
+        return is_finished(path, expected[str(path)])
 
     if options.backend == "slurm":  # Slurm gives each job its GPUs
         jobs = [TrainingJob(options.config, path, arguments, {}, family.runner) for path, arguments, _ in runs]
         parameters = slurm_parameters(sweep_dir.name, options.partition or None, options.time, options.gpus,
                                       options.cpus, options.mem, options.array_parallelism, options.signal_delay)
-        return run_slurm(jobs, make_executor("slurm", sweep_dir, parameters), sweep_dir, sweep_dir.name), None
+        executor = make_executor("slurm", sweep_dir, parameters)
+        return run_slurm(jobs, executor, sweep_dir, sweep_dir.name, finished), None
     # Local jobs see the GPUs the sweep sees (submitit would hide them), or their group's.
     environment = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
     jobs = [TrainingJob(options.config, path, arguments, environment, family.runner) for path, arguments, _ in runs]
     for dataset, label_mode in {(config["dataset"], config["label_mode"]) for _, _, config in runs}:
         load_dataset(dataset, label_mode=label_mode)  # decode (or download) the data once, not in every job at once
-    return run_local(jobs, make_executor("local", sweep_dir, {}), options.max_parallel or 1, gpu_groups=groups)
+    return run_local(jobs, make_executor("local", sweep_dir, {}), options.max_parallel or 1, finished,
+                     gpu_groups=groups)
 
 
 def summarize(sweep_dir, outcome, stopped_by, grouped=False):
