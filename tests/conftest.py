@@ -46,8 +46,9 @@ def slurm_missing():
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"no Slurm here ({e.__class__.__name__}: sinfo)"
     states = done.stdout.split()
-    # idle, mixed or allocated, and answering (a trailing * is a node that does not)
-    if done.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) and "*" not in s for s in states):
+    # idle, mixed or allocated with no suffix (etc/local_slurm.sh's `usable`: * not responding, ~ powered off,
+    # # powering up, % powering down, ! / @ / ^ pending reboot or power change)
+    if done.returncode != 0 or not any(s in ("idle", "mixed", "allocated", "completing") for s in states):
         return f"no Slurm node up (sinfo: {(done.stderr.strip() or ' '.join(states) or 'nothing')[:200]})"
     return None
 
