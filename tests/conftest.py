@@ -204,3 +204,14 @@ def wait_for_mid_epoch_checkpoint(process, run_dir, after_iteration=0, timeout=1
         assert process.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.002)
     raise AssertionError("no checkpoint appeared")
+
+
+def kill_mid_epoch(script, config, run_dir, *args, data_dir):
+    """Start `script CONFIG RUN_DIR ARGS`, SIGKILL it right after a mid-epoch checkpoint, as a crash would."""
+    import signal
+
+    process = start_script(script, config, run_dir, *args, data_dir=data_dir)
+    wait_for_mid_epoch_checkpoint(process, run_dir)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL

@@ -5,14 +5,13 @@ net on the tiny CIFAR archives: it learns, its whitening comes from the training
 whitening bias stops training when the recipe says, and a run killed mid-epoch resumes bit for bit."""
 import importlib
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, assert_identical, start_script, wait_for_mid_epoch_checkpoint
+from conftest import REPO, assert_identical, kill_mid_epoch
 from src.checkpoint import list_checkpoints, load_tensors
 from src.config import apply_overrides, family
 from src.fast import WHITEN_EPS, FastNet, Whitening, fast_parameters
@@ -269,11 +268,7 @@ def test_a_fast_run_killed_mid_epoch_resumes_bit_identically(train_fast, data_di
     args = [*NARROW, "--n_examples=150", "--batch_size=10", "--valid_size=50", "--n_epochs=2",
             "--checkpoint_every_n_batches=4", "--whiten_bias_epochs=1", *augmentation]
     killed = tmp_path / "killed"
-    process = start_script(REPO / "src" / "scripts" / "train_fast.py", "fast", killed, *args, data_dir=data_dir)
-    wait_for_mid_epoch_checkpoint(process, killed)
-    process.kill()
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_mid_epoch(REPO / "src" / "scripts" / "train_fast.py", "fast", killed, *args, data_dir=data_dir)
     assert "resuming from" in train_fast(killed, *args)  # one thread, as the killed process
     train_fast(tmp_path / "straight", *args)
     assert_identical(tmp_path / "straight", killed)

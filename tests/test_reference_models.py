@@ -7,13 +7,12 @@ The published-size models are built only in the parameter counts; the runs train
 import contextlib
 import importlib
 import json
-import signal
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, assert_identical, start_script, wait_for_mid_epoch_checkpoint
+from conftest import REPO, assert_identical, kill_mid_epoch
 from src.config import apply_overrides, family
 from src.models import build_model, find_standardize
 from src.resnets import (BasicBlock, PreActBlock, PreActResNet18, ResNet, WideResNet, preact_resnet18_parameters,
@@ -250,11 +249,7 @@ def test_a_resnet_killed_mid_epoch_resumes_bit_identically(train_family, data_di
     args = [*FAMILY_RUNS["resnet"][1:], *QUIET, "--n_examples=150", "--batch_size=10", "--valid_size=50",
             "--n_epochs=2", "--checkpoint_every_n_batches=4"]
     killed = tmp_path / "killed"
-    process = start_script(REPO / "src" / "scripts" / "train_resnet.py", "resnet20", killed, *args, data_dir=data_dir)
-    wait_for_mid_epoch_checkpoint(process, killed)
-    process.kill()
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_mid_epoch(REPO / "src" / "scripts" / "train_resnet.py", "resnet20", killed, *args, data_dir=data_dir)
     assert "resuming from" in train_family("resnet", killed, *args)  # one thread, as the killed process
     train_family("resnet", tmp_path / "straight", *args)
     assert_identical(tmp_path / "straight", killed)
