@@ -403,3 +403,12 @@ def stderr_reason(stderr_path):
     if tracebacks:  # its exception is the first unindented line after the frames
         return next((line[:300] for line in raw[tracebacks[-1] + 1:] if not line[0].isspace()), None)
     return None
+
+
+def __getattr__(name):
+    """`src.sweep.slurm_parameters` and `check_slurm`, as imported before they moved to src.sweep_slurm."""
+    if name in ("slurm_parameters", "check_slurm"):
+        from src import sweep_slurm
+
+        return getattr(sweep_slurm, name)
+    raise AttributeError(f"module 'src.sweep' has no attribute '{name}'")

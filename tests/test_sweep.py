@@ -159,6 +159,9 @@ def test_slurm_job_array_parameters(tmp_path):
         assert line in sbatch, line
     assert sbatch.index("srun() {") < sbatch.index("\nsrun ")  # the batch shell passes a USR2 on to the job
     assert "gpus_per_node" not in slurm_parameters("cpu-only")
+    import src.sweep
+
+    assert src.sweep.slurm_parameters is slurm_parameters  # where it was imported from before src.sweep_slurm
 
 
 def test_the_job_passes_the_warning_on_and_asks_to_be_requeued(tmp_path):
