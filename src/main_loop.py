@@ -172,8 +172,8 @@ def run_main_loop(config, save_path, build_model=None):
                 with disk_errors_stop_training(folder.path):
                     folder.save_config(config)
                     folder.record_session(device, precision, ranks.world_size, model_size(model, valid[0].shape[1:]))
-            loop = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks)
-            code = loop.run()
+            # No name holds the loop (nor its DDP wrapper): ranks.close() collects it before tearing the group down.
+            code = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks).run()
             failed = False
             return code
     except distributed.RankZeroFailed as e:  # rank 0 printed the reason; leave with its code, silently

@@ -61,6 +61,12 @@ def test_first_step_gradients_equal_a_single_process_on_the_same_global_batch(da
         torch.testing.assert_close(parallel[name], single[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_no_ddp_wrapper_outlives_the_process_group(data_dir, tmp_path):
+    result = torchrun(data_dir, REPO / "tests" / "ddp_teardown.py", tmp_path / "run", tmp_path / "alive")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [(tmp_path / f"alive.{rank}").read_text() for rank in (0, 1)] == ["0 0", "0 0"]
+
+
 def test_ddp_trains_with_one_writer(ddp_reference):
     rows = [json.loads(line) for line in (ddp_reference / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [15, 30, 45]  # 15 global batches of 32 per epoch, as alone
