@@ -191,12 +191,10 @@ class TrainingJob:
         if code < 0 or 128 < code < 128 + 65:  # killed by a signal, or stopped by one with a checkpoint
             name = signal_name(-code if code < 0 else code - 128)
             return f"ended by {name}; rerun the sweep to resume it"
-        size = os.fstat(self._stderr.fileno()).st_size
-        tail = os.pread(self._stderr.fileno(), 1 << 16, max(0, size - (1 << 16))).decode(errors="replace")
-        lines = [line.strip() for line in tail.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error: ")]
-        if errors:
-            return errors[-1][len("error: "):]
+        lines = [line.strip() for line in tail_lines(self._stderr)]
+        reason = last_error(lines)
+        if reason is not None:
+            return reason
         last = f": {lines[-1][:200]}" if lines else ""
         return f"the run exited with {code}{last} (see {self.save_path}/stderr.log)"
 
@@ -357,19 +355,6 @@ def _error_of(job, handle, finished):
     return point_outcome(finished(job.save_path), handle.paths.stderr, ended)
 
 
-def failure_line(text):
-    """From submitit's report of a failed job: our RunFailed's reason; else the exception line of the trace,
-    which submitit frames in dashed lines; else its first line."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    reasons = [line[len(RUN_FAILED):] for line in lines if line.startswith(RUN_FAILED)]
-    if reasons:
-        return reasons[-1]
-    frames = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
-    if len(frames) >= 2 and frames[-1] > 0:
-        return lines[frames[-1] - 1].strip()
-    return lines[0].strip() if lines else None
-
-
 def point_outcome(finished, stderr_path, ended=None):
     """None when the point's run finished (`finished`: its run folder says so, with the config asked for),
     else one line: the reason in its job's stderr, or how the job ended (`ended`, e.g. `by SIGKILL`)."""
@@ -384,9 +369,8 @@ def stderr_reason(stderr_path):
     failure), else our RunFailed's (the run's own reason, raised by the job), else the run's last `error: ...`
     line, else the exception line of the job's last traceback."""
     try:
-        with open(stderr_path, "rb") as file:  # its end: a long run's log can be large
-            file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
-            raw = [line.rstrip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+        with open(stderr_path, "rb") as file:
+            raw = tail_lines(file)
     except OSError:
         return None
     lines = [line.strip() for line in raw]
@@ -396,13 +380,27 @@ def stderr_reason(stderr_path):
     for line in reversed(lines):
         if line.startswith(RUN_FAILED):
             return line[len(RUN_FAILED):]
-    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-    if errors:
-        return errors[-1]
+    reason = last_error(lines)
+    if reason is not None:
+        return reason
     tracebacks = [i for i, line in enumerate(raw) if line.startswith("Traceback (most recent call last)")]
     if tracebacks:  # its exception is the first unindented line after the frames
         return next((line[:300] for line in raw[tracebacks[-1] + 1:] if not line[0].isspace()), None)
     return None
+
+
+def tail_lines(file):
+    """The non-empty lines (right-stripped: a traceback's indentation kept) of the last 64 KiB of an open file:
+    a long run's log can be large, and its end says how it ended."""
+    size = os.fstat(file.fileno()).st_size
+    tail = os.pread(file.fileno(), 1 << 16, max(0, size - (1 << 16))).decode(errors="replace")
+    return [line.rstrip() for line in tail.splitlines() if line.strip()]
+
+
+def last_error(lines):
+    """The reason in the last `error: ...` line the runner printed (its one-line errors), or None."""
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
 
 
 def __getattr__(name):

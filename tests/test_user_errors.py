@@ -291,7 +291,7 @@ def test_a_failed_point_shows_the_runners_reason(finished, data_dir, tmp_path):
 
 
 def test_the_job_reports_the_last_error_line_of_its_run(tmp_path):
-    from src.sweep import RunFailed, TrainingJob, failure_line
+    from src.sweep import RunFailed, TrainingJob, stderr_reason
 
     job = TrainingJob("cifar10", tmp_path / "run", [])
     job.command = lambda: [sys.executable, "-c", "import sys; print('error: an old one', file=sys.stderr); "
@@ -301,11 +301,14 @@ def test_the_job_reports_the_last_error_line_of_its_run(tmp_path):
     job.command = lambda: [sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"]
     with pytest.raises(RunFailed, match="^ended by SIGTERM; rerun the sweep to resume it$"):
         job()
-    trace = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent "
-             "call last):\n  File \"x.py\", line 1\nsrc.sweep.RunFailed: the reason\n\n----------------------\n"
-             "You can check full logs with 'job.stderr(0)'\n  - /tmp/x_0_log.err\n  - /tmp/x_0_log.out")
-    assert failure_line(trace) == "the reason"
-    assert failure_line(trace.replace("src.sweep.RunFailed", "MemoryError")) == "MemoryError: the reason"
+    # What a job's stderr holds when the job itself raised: the sweep reads the reason from there.
+    trace = ("submitit ERROR (2026-12-02 10:00:00) - Submitted job triggered an exception\nTraceback (most recent "
+             "call last):\n  File \"x.py\", line 1\nsrc.sweep.RunFailed: the reason\n")
+    stderr = tmp_path / "job.err"
+    stderr.write_text(trace)
+    assert stderr_reason(stderr) == "the reason"
+    stderr.write_text(trace.replace("src.sweep.RunFailed", "MemoryError"))
+    assert stderr_reason(stderr) == "MemoryError: the reason"
 
 
 def test_huge_grids_are_refused_before_they_are_listed():
