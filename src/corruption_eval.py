@@ -14,7 +14,7 @@ def evaluate_corruptions(models, data_dir, corruptions, ttas, device):
     1..5]}) and `..._per_severity` (the mean over corruptions at each severity)."""
     import torch
 
-    from src.evaluation import predict
+    from src.evaluation import predict_modes
 
     modes = [None, *ttas]
     table = {(which, mode): {} for which in models for mode in modes}
@@ -22,9 +22,11 @@ def evaluate_corruptions(models, data_dir, corruptions, ttas, device):
         labels, n = torch.from_numpy(source.labels), source.per_severity
         for corruption in corruptions:
             images = torch.from_numpy(source.images(corruption))
-            for (which, mode), accuracies in table.items():
-                correct = (predict(models[which], images, device, tta=mode).argmax(1) == labels).double()
-                accuracies[corruption] = [correct[s * n:(s + 1) * n].mean().item() for s in range(SEVERITIES)]
+            for which, model in models.items():  # each view run once, shared by the modes
+                for mode, logits in predict_modes(model, images, device, modes).items():
+                    correct = (logits.argmax(1) == labels).double()
+                    table[which, mode][corruption] = [correct[s * n:(s + 1) * n].mean().item()
+                                                      for s in range(SEVERITIES)]
             print(f"{corruption:18}" + "  ".join(f"{which}{'' if mode is None else '+' + mode} "
                                                  f"{sum(acc[corruption]) / SEVERITIES:.4f}"
                                                  for (which, mode), acc in table.items()), flush=True)

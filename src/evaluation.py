@@ -39,6 +39,8 @@ def validation_columns(model, images, labels, device, precision, batch_size, pre
 TTA_MODES = ("flip", "flip+shift")
 SHIFT = 2  # pixels; the training crops move images by up to 4 (zero padding), so 2 stays well inside that
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and most papers since measure ECE
+SHIFTS = ((0, 0), (-SHIFT, 0), (SHIFT, 0), (0, -SHIFT), (0, SHIFT))  # each mirror's views under flip+shift
+MODE_ORDER = (None, *TTA_MODES)  # each mode's views hold the one before's: the last asked for holds them all
 
 
 def views(x, tta):
@@ -54,28 +56,53 @@ def views(x, tta):
     for image in mirrors:
         padded = F.pad(image, (SHIFT, SHIFT, SHIFT, SHIFT))
         height, width = image.shape[2:]
-        for dy, dx in ((0, 0), (-SHIFT, 0), (SHIFT, 0), (0, -SHIFT), (0, SHIFT)):
-            shifted.append(padded[:, :, SHIFT + dy:SHIFT + dy + height, SHIFT + dx:SHIFT + dx + width])
+        for dy, dx in SHIFTS:
+            shifted.append(image if (dy, dx) == (0, 0) else
+                           padded[:, :, SHIFT + dy:SHIFT + dy + height, SHIFT + dx:SHIFT + dx + width])
     return shifted
+
+
+
+def view_indices(mode, largest):
+    """Which of `views(x, largest)` make up `mode`'s views: the image comes first in every mode, and its
+    unshifted mirror after the image's shifts."""
+    if mode is None:
+        return [0]
+    if mode == largest:
+        return list(range(len(SHIFTS) * 2 if mode == "flip+shift" else 2))
+    return [0, len(SHIFTS)]  # flip within flip+shift
 
 
 def predict(model, images, device, tta=None, batch_size=1024):
     """-> float32 logits (N, classes) on the CPU, in fp32 and eval mode. With `tta`, the log of the mean of
     the views' softmax probabilities: its softmax is the averaged prediction, so every score below reads it
     as it reads plain logits."""
+    return predict_modes(model, images, device, (tta,), batch_size)[tta]
+
+
+def predict_modes(model, images, device, modes, batch_size=1024):
+    """-> {mode: what `predict` gives with tta=mode} for each of `modes`, with every view run once per batch
+    however many modes share it (plain, flip and flip+shift together: 10 forward passes, not 13)."""
+    largest = max(modes, key=MODE_ORDER.index)
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs = {mode: [] for mode in modes}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
-            logits = [model(view).float() for view in views(x, tta)]
-            if tta is not None:
-                probabilities = torch.stack([z.softmax(1) for z in logits]).mean(0)
-                logits = [probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()]
-            outputs.append(logits[0].cpu())
+            logits = [model(view).float() for view in views(x, largest)]
+            for mode in modes:
+                outputs[mode].append(average([logits[i] for i in view_indices(mode, largest)]).cpu())
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
+    return {mode: torch.cat(out) if out else torch.zeros(0, 0) for mode, out in outputs.items()}
+
+
+def average(logits):
+    """One view's logits as they are; several views': the log of the mean of their softmax probabilities."""
+    if len(logits) == 1:
+        return logits[0]
+    probabilities = torch.stack([z.softmax(1) for z in logits]).mean(0)
+    return probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def scores(logits, labels):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.evaluation import ECE_BINS, calibration, predict, scores, views
+from src.evaluation import ECE_BINS, calibration, predict, predict_modes, scores, views
 
 
 def test_top1_top5_and_loss_on_hand_made_logits():
@@ -76,3 +76,19 @@ def test_tta_averages_the_probabilities_of_the_views_and_leaves_the_model_as_it_
     probabilities = torch.stack([model(v).softmax(1) for v in views(x, "flip+shift")]).mean(0)
     assert torch.allclose(predict(model, x, "cpu", tta="flip+shift").softmax(1), probabilities, atol=1e-6)
     assert torch.equal(predict(model, x, "cpu", batch_size=2), plain)  # batches change nothing
+
+
+def test_the_modes_share_their_views_and_give_what_each_alone_gives():
+    calls = []
+
+    class Counting(LeftBright):
+        def forward(self, x):
+            calls.append(len(x))
+            return super().forward(x)
+
+    model = Counting()
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    together = predict_modes(model, x, "cpu", (None, "flip", "flip+shift"), batch_size=4)
+    assert len(calls) == 2 * 10  # two batches, each view once
+    for mode in (None, "flip", "flip+shift"):
+        assert torch.equal(together[mode], predict(model, x, "cpu", tta=mode, batch_size=4)), mode

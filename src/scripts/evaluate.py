@@ -129,9 +129,10 @@ def evaluate_model(model, which, x, y, names, test_set, ttas, target, folder):
     """One model on one test set: its numbers as eval_<set>.json keeps them, and its files written."""
     import numpy as np
 
-    from src.evaluation import confusion_matrix, predict, scores
+    from src.evaluation import confusion_matrix, predict_modes, scores
 
-    logits = predict(model, x, target)
+    every_logits = predict_modes(model, x, target, (None, *ttas))  # each view run once, shared by the modes
+    logits = every_logits[None]
     plain = scores(logits, y)
     matrix = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(names))
     totals = matrix.sum(axis=1)
@@ -145,7 +146,7 @@ def evaluate_model(model, which, x, y, names, test_set, ttas, target, folder):
           f"{plain['loss']:.4f}, ECE {plain['ece']:.4f} ({len(y)} images); worst class "
           f"{names[np.nanargmin(per_class)]} {np.nanmin(per_class):.4f}")
     for mode in ttas:
-        extra_logits[mode] = predict(model, x, target, tta=mode)
+        extra_logits[mode] = every_logits[mode]
         augmented = scores(extra_logits[mode], y)
         result.update({f"{prefix}{key}_{mode}": value for key, value in augmented.items()})
         print(f"  with --tta={mode}: accuracy {augmented['acc']:.4f}, top-5 {augmented['top5']:.4f}, "
