@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from src import download
+from src.cifar_files import _one_line
 from src.errors import RunError
 
 CIFAR10_1_DATA, CIFAR10_1_LABELS = "cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy"
@@ -126,7 +127,7 @@ class Cifar10C:
             raise RunError(f"{self.tar.name} has no {CIFAR10C_FOLDER}/{name}; is it the official "
                            f"{CIFAR10C_ARCHIVE}?") from None
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise RunError(f"cannot read {self._where(name)} ({_short(e)})") from None
+            raise RunError(f"cannot read {self._where(name)} ({_one_line(e, 150)})") from None
         if stream is None:
             raise RunError(f"{self._where(name)} is not a regular file")
         with stream:
@@ -137,7 +138,7 @@ def _open_tar(path):
     try:
         return tarfile.open(path, "r:")  # as published: uncompressed, so each member is a seek away
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise RunError(f"{path} is not a readable tar archive ({_short(e)}); download {CIFAR10C_ARCHIVE} "
+        raise RunError(f"{path} is not a readable tar archive ({_one_line(e, 150)}); download {CIFAR10C_ARCHIVE} "
                        "again") from None
 
 
@@ -145,7 +146,7 @@ def _check_members(tar, names):
     try:
         present = set(tar.getnames())
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise RunError(f"cannot read {tar.name} ({_short(e)}); download {CIFAR10C_ARCHIVE} again") from None
+        raise RunError(f"cannot read {tar.name} ({_one_line(e, 150)}); download {CIFAR10C_ARCHIVE} again") from None
     missing = [name for name in names if f"{CIFAR10C_FOLDER}/{name}" not in present]
     if missing:
         raise RunError(f"{tar.name} has no {CIFAR10C_FOLDER}/{missing[0]}; is it the official {CIFAR10C_ARCHIVE}?")
@@ -169,7 +170,7 @@ def read_npy(stream, size, where, images):
                        (3, 0): np.lib.format.read_array_header_2_0}[version]
         shape, fortran_order, dtype = read_header(stream)
     except (ValueError, KeyError, TypeError, EOFError, SyntaxError) as e:
-        raise RunError(f"{where} is not a .npy array file ({_short(e)})") from None
+        raise RunError(f"{where} is not a .npy array file ({_one_line(e, 150)})") from None
     expected = "uint8 of shape (N, 32, 32, 3)" if images else "integers of shape (N,)"
     fits = (dtype == np.uint8 and len(shape) == 4 and tuple(shape[1:]) == IMAGE) if images else \
         (dtype.kind in "iu" and not dtype.hasobject and len(shape) == 1)
@@ -183,11 +184,6 @@ def read_npy(stream, size, where, images):
     if len(data) != nbytes:
         raise RunError(f"{where} ends early (truncated)")
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
-
-
-def _short(error):
-    text = " ".join(str(error).split())
-    return text[:150] + ("..." if len(text) > 150 else "")
 
 
 def _labels(labels, where):

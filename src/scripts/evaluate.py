@@ -20,8 +20,7 @@ if __name__ == "__main__":
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import RunError, UsageError  # noqa: E402
 
-RESULT_FILE = "eval_test.json"
-TEST_SETS = ("test", "cifar10.1", "cifar10c")  # the run's own test set, then the shift sets (CIFAR-10 runs)
+RESULT_FILE = "eval_test.json"  # with --test_set=NAME: eval_NAME.json
 
 
 @exit_codes
@@ -70,6 +69,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
 
 def check_options(device, test_set, tta, corruptions):
     """-> (TTA modes, corruptions): the options, checked before anything is loaded."""
+    from src.analysis import TEST_SETS  # the run table reads the same sets' results
     from src.evaluation import TTA_MODES
     from src.shift_sets import CORRUPTIONS
 
