@@ -13,21 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from src.scripts.bench import median, synchronize  # bench.py's own (it imports this module only in its main)
+
 # A CPU validates the big models at a few images/s (WRN-28-10: about 15): time one slice once, scale it up.
 CPU_VALIDATION_IMAGES = 128
 LOG_ROWS = 30  # log.jsonl and curves.png of a 30-epoch run (the simple CNN's default), rewritten each epoch
-
-
-def median(values):
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
-def synchronize(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(run, device, repeats):
@@ -51,6 +41,7 @@ def a_log(n_rows):
 def shared_parts(folder, repeats):
     """(TensorBoard scalars + the drawing request, one drawing of curves.png), in seconds: the same for every model."""
     import pandas as pd
+    import torch
 
     from src.monitoring import Monitors
     from src.plots import plot_curves
@@ -60,17 +51,11 @@ def shared_parts(folder, repeats):
     monitors = Monitors(RunFolder(folder), True, 0, plot_every_seconds=1e9)
     monitors.epoch(log)  # warm-up: the writer made, TensorBoard imported, the first drawing started
     monitors.settle()
-    tensorboard = median([_seconds(lambda: monitors.epoch(log)) for _ in range(repeats)])
+    cpu = torch.device("cpu")  # host work only: nothing to wait for on a device
+    tensorboard = timed(lambda: monitors.epoch(log), cpu, repeats)
     monitors.close()
-    drawing = median([_seconds(lambda: plot_curves(pd.DataFrame(log), folder / "curves.png", "bench"))
-                      for _ in range(repeats)])
+    drawing = timed(lambda: plot_curves(pd.DataFrame(log), folder / "curves.png", "bench"), cpu, repeats)
     return tensorboard, drawing
-
-
-def _seconds(run):
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
 
 
 def model_parts(config, bench, batch, steps, repeats, folder):

@@ -40,6 +40,7 @@ def measure(config, batch, steps, device, precision):
     from src.main_loop import build_training_model, train_step
     from src.model_size import model_size
     from src.models import build_model
+    from src.scripts.bench import synchronize
 
     # Random training images, for a model whose initialisation reads them (src/fast.py's whitening).
     images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -60,13 +61,6 @@ def measure(config, batch, steps, device, precision):
         train_step(model, optimizer, batch_of_images, device, precision, scaler=scaler)
     synchronize(device)
     return parameters, macs, steps * batch / (time.perf_counter() - started)
-
-
-def synchronize(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @exit_codes
