@@ -32,8 +32,10 @@ def evaluate_corruptions(models, data_dir, corruptions, ttas, device):
                                                  for (which, mode), acc in table.items()), flush=True)
     result = {"corruptions": corruptions, "severities": list(range(1, SEVERITIES + 1)), "n_per_severity": n}
     for (which, mode), accuracies in table.items():
-        result.update(summary(which, mode, accuracies))
-        print_table(which, mode, accuracies)
+        numbers = summary(which, mode, accuracies)
+        result.update(numbers)
+        suffix = "" if mode is None else f"_{mode}"
+        print_table(which, mode, accuracies, numbers[f"{which}_cifar10c_per_severity{suffix}"])
     return result
 
 
@@ -50,7 +52,8 @@ def summary(which, mode, accuracies):
     return out
 
 
-def print_table(which, mode, accuracies):
+def print_table(which, mode, accuracies, means):
+    """`means`: the mean over corruptions at each severity, as `summary` gave it."""
     title = f"{which} model" + ("" if mode is None else f", --tta={mode}")
     print(f"\n{title}: CIFAR-10-C accuracy")
     print(f"{'corruption':18}" + "".join(f"{'severity ' + str(s):>12}" for s in range(1, SEVERITIES + 1))
@@ -58,5 +61,4 @@ def print_table(which, mode, accuracies):
     for corruption, per_severity in accuracies.items():
         print(f"{corruption:18}" + "".join(f"{a:12.4f}" for a in per_severity)
               + f"{sum(per_severity) / SEVERITIES:8.4f}")
-    means = [sum(acc[s] for acc in accuracies.values()) / len(accuracies) for s in range(SEVERITIES)]
     print(f"{'mean':18}" + "".join(f"{a:12.4f}" for a in means) + f"{sum(means) / SEVERITIES:8.4f}")
