@@ -170,12 +170,14 @@ def run_slurm(jobs_to_run, executor, sweep_dir, job_name, finished, say=print):
     already queued ones -> {run folder: None or the failure's one line}; `finished(run folder)` says whether
     a point's run is finished. Ctrl-C leaves the jobs running."""
     queued = queued_points(sweep_dir, job_name)
-    new = [job for job in jobs_to_run if job.save_path not in queued]
+    new, folders = [], {}  # folders: job id -> run folder, for every point waited for
     for job in jobs_to_run:
-        if job.save_path in queued:
-            job_id, state = queued[job.save_path]
-            say(f"already in Slurm's queue as job {job_id} ({state.lower()}), not submitted again: {job.save_path}")
-    folders = {job_id: path for path, (job_id, _) in queued.items() if path in {j.save_path for j in jobs_to_run}}
+        if job.save_path not in queued:
+            new.append(job)
+            continue
+        job_id, state = queued[job.save_path]
+        folders[job_id] = job.save_path
+        say(f"already in Slurm's queue as job {job_id} ({state.lower()}), not submitted again: {job.save_path}")
     if new:
         submitted = submit_array(new, executor, sweep_dir)
         say(f"submitted job array {next(iter(submitted)).split('_')[0]} with {len(new)} runs")
