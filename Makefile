@@ -49,7 +49,7 @@ report:
 
 # Offline: a small learnable CIFAR-10-format archive, a few epochs on it, then its test accuracy.
 demo:
-	[ -f $(DEMO)/data/cifar-10-python.tar.gz ] || $(PY) -m src.cifar_writer $(DEMO)/data --n-train 5000 --n-test 1000
+	[ -f $(DEMO)/data/cifar-10-python.tar.gz ] || $(PY) -m src.datasets.writer $(DEMO)/data --n-train 5000 --n-test 1000
 	DATA_DIR=$(DEMO)/data $(TRAIN) cifar10 $(DEMO)/run --n_epochs=4 --valid_size=500 --n_filters=16
 	DATA_DIR=$(DEMO)/data $(PY) src/scripts/evaluate.py $(DEMO)/run
 

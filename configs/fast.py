@@ -1,19 +1,15 @@
-"""Named configs for `src/scripts/train_fast.py`: the fast family (src/fast.py), after KellerJordan's
+"""Named configs for `src/scripts/train_fast.py`: the fast family (src/networks/fast.py), after KellerJordan's
 airbench94, the public CIFAR-10 speed record, and its recipe."""
-from pathlib import Path
+from configs.training import family_registry, n_outputs, size_problems
+from src.networks.fast import fast_parameters
+from src.training.optim import TRIANGLE
 
-from configs.training import TRAINING_ROOT, model_problems, n_outputs, size_problems, training_problems
-from src.config import ConfigRegistry, register_family
-from src.fast import fast_parameters
-from src.optim import TRIANGLE
-
-RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_fast.py"
 N_GROUPS = 3  # 31x31 after the whitening, halved three times to 3x3, then one 3x3 max-pool: 1x1
 
 
-def validate(config):
-    """The shared keys' problems, then this family's; a list of lines."""
-    problems = training_problems(config) + model_problems(config, "fast")
+def family_problems(config):
+    """This family's problems (configs.training adds the shared keys'); a list of lines."""
+    problems = []
     widths = config["widths"]
     if not (len(widths) == N_GROUPS and all(type(w) is int and w >= 1 for w in widths)):
         problems.append(f"--widths must be {N_GROUPS} positive integers (each group's channels; airbench's "
@@ -34,22 +30,17 @@ def validate(config):
     return problems
 
 
-fast_configs = register_family(ConfigRegistry("fast", validate, RUNNER))
-fast_configs.set_root(
-    {
-        "model": "fast",  # the family (src.models.MODELS); fixed for this runner
-        "widths": [64, 256, 256],  # the three conv groups' channels
-        "bn_momentum": 0.4,  # batch norm's running statistics, PyTorch's sense (airbench's 0.6 is 1 minus this)
-        "logit_scale": 1 / 9,  # the logits are multiplied by it
-        "whiten_images": 5000,  # training images the whitening filters are computed from
-        "whiten_bias_epochs": 3,  # epochs the whitening layer's bias trains before it is frozen
-        "bias_lr_scale": 64.0,  # batch-norm biases: lr times this, weight decay divided by it
-        **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
-        "lookahead_every": 0,  # Lookahead (src.optim): steps between pulls towards the slow weights; 0 = off
-        "lookahead_decay": 0.95,  # per step: a pull at iteration t of T keeps decay**every * (t / T)**3 of the slow
-        **TRAINING_ROOT,
-    }
-)
+fast_configs = family_registry("fast", family_problems, {
+    "widths": [64, 256, 256],  # the three conv groups' channels
+    "bn_momentum": 0.4,  # batch norm's running statistics, PyTorch's sense (airbench's 0.6 is 1 minus this)
+    "logit_scale": 1 / 9,  # the logits are multiplied by it
+    "whiten_images": 5000,  # training images the whitening filters are computed from
+    "whiten_bias_epochs": 3,  # epochs the whitening layer's bias trains before it is frozen
+    "bias_lr_scale": 64.0,  # batch-norm biases: lr times this, weight decay divided by it
+    **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
+    "lookahead_every": 0,  # Lookahead (src.training.optim): steps between pulls towards the slow weights; 0 = off
+    "lookahead_decay": 0.95,  # per step: a pull at iteration t of T keeps decay**every * (t / T)**3 of the slow
+})
 
 # airbench94's hyperparameters, converted. It sums the loss over the batch and writes lr and weight decay
 # "per 1024 examples", decoupled from the momentum: lr 11.5 / (1024 (1 + 1 / (1 - 0.85))), weight decay

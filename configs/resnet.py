@@ -1,18 +1,14 @@
-"""Named configs for `src/scripts/train_resnet.py`: He et al. 2016's CIFAR ResNets (src/resnets.py) and
+"""Named configs for `src/scripts/train_resnet.py`: He et al. 2016's CIFAR ResNets (src/networks/resnet.py) and
 their recipe."""
-from pathlib import Path
+from configs.training import family_registry, n_outputs, size_problems
+from src.networks.resnet import resnet_parameters
 
-from configs.training import TRAINING_ROOT, model_problems, n_outputs, size_problems, training_problems
-from src.config import ConfigRegistry, register_family
-from src.resnets import resnet_parameters
-
-RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_resnet.py"
 SHORTCUTS = ("A", "B")
 
 
-def validate(config):
-    """The shared keys' problems, then this family's; a list of lines."""
-    problems = training_problems(config) + model_problems(config, "resnet")
+def family_problems(config):
+    """This family's problems (configs.training adds the shared keys'); a list of lines."""
+    problems = []
     depth = config["depth"]
     if depth < 8 or (depth - 2) % 6:
         problems.append(f"--depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), not {depth}")
@@ -24,15 +20,10 @@ def validate(config):
     return problems
 
 
-resnet_configs = register_family(ConfigRegistry("resnet", validate, RUNNER))
-resnet_configs.set_root(
-    {
-        "model": "resnet",  # the family (src.models.MODELS); fixed for this runner
-        "depth": 20,  # 6n + 2: n basic blocks in each of the three stages (16, 32, 64 channels)
-        "shortcut": "A",  # where the shape changes: A, subsample + zero channels (no parameters) | B, 1x1 projection
-        **TRAINING_ROOT,
-    }
-)
+resnet_configs = family_registry("resnet", family_problems, {
+    "depth": 20,  # 6n + 2: n basic blocks in each of the three stages (16, 32, 64 channels)
+    "shortcut": "A",  # where the shape changes: A, subsample + zero channels (no parameters) | B, 1x1 projection
+})
 
 # He et al. 2016, Sec. 4.2: SGD, momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
 # and 48k iterations, stopped at 64k, on a 45k/5k train/validation split with 4-pixel-padded crops and flips.

@@ -1,27 +1,22 @@
 """Named configs for `src/scripts/train_simple_CNN.py`. Add an experiment with `configs.derive(...)`."""
-from pathlib import Path
-
-from configs.training import (  # noqa: F401  (MAX_PARAMETERS: public here too)
-    MAX_PARAMETERS, TRAINING_ROOT, choices, model_problems, n_outputs, size_problems, training_problems,
+from configs.training import (  # noqa: F401  (MAX_PARAMETERS, TRAINING_ROOT, training_problems: public here too)
+    MAX_PARAMETERS, TRAINING_ROOT, choices, family_registry, n_outputs, size_problems, training_problems,
 )
-from src.config import ConfigRegistry, register_family
 from src.data import DATASETS
 
 # Allowed values of the keys that take one of a few words (the registries' names; see configs/training.py).
 CHOICES = choices()
 # The label sets of the built-in datasets and their classes, as their entries in src.data.DATASETS say.
 CLASSES = {(name, mode): n for name, entry in DATASETS.items() for mode, n in entry.n_classes.items()}
-RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_simple_CNN.py"
 
 
-def validate(config):
+def family_problems(config):
     """Check the values that a type alone cannot; returns the problems as a list of lines.
 
     Sizes are checked against what the hardware could ever hold, computed from the config alone,
     so an absurd value is refused before anything is built or written.
     """
-    problems = training_problems(config)
-    problems += model_problems(config, "simple_cnn")
+    problems = []
     for key in ("n_layers", "n_filters", "dim_dense"):
         if config[key] < 1:
             problems.append(f"--{key} must be at least 1, not {config[key]}")
@@ -35,18 +30,13 @@ def validate(config):
     return problems
 
 
-simple_cnn_configs = register_family(ConfigRegistry("simple_cnn", validate, RUNNER))
-simple_cnn_configs.set_root(
-    {
-        "model": "simple_cnn",  # the family (src.models.MODELS); fixed for this runner
-        "n_layers": 3,  # conv blocks; channels double per block
-        "n_filters": 32,  # channels of the first block
-        "dim_dense": 256,  # units of the dense layer before the classifier
-        "batch_norm": True,
-        "dropout": 0.25,  # before the dense layer; 0 turns it off
-        **TRAINING_ROOT,
-    }
-)
+simple_cnn_configs = family_registry("simple_cnn", family_problems, {
+    "n_layers": 3,  # conv blocks; channels double per block
+    "n_filters": 32,  # channels of the first block
+    "dim_dense": 256,  # units of the dense layer before the classifier
+    "batch_norm": True,
+    "dropout": 0.25,  # before the dense layer; 0 turns it off
+}, runner="train_simple_CNN.py")
 simple_cnn_configs.derive("cifar10", dataset="cifar10")
 simple_cnn_configs.derive("cifar100", dataset="cifar100")
 simple_cnn_configs.derive("cifar100_coarse", dataset="cifar100", label_mode="coarse")
@@ -61,3 +51,6 @@ def simple_cnn_parameters(config):
         channels = out
     side = 32 // 2 ** config["n_layers"]
     return count + (channels * side * side + 1) * config["dim_dense"] + (config["dim_dense"] + 1) * n_outputs(config)
+
+
+validate = simple_cnn_configs.problems  # the whole check (the shared keys', then the family's), by its old name

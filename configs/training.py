@@ -1,10 +1,17 @@
-"""The training keys every model family shares, and their checks; each family's registry extends them.
+"""The training keys every model family shares, their checks, and the skeleton of a family's registry
+(`family_registry`): a family module (configs/<family>.py) gives only its own keys, checks and named configs.
 
 New keys default to what the code did before they existed ("off"), so that a run folder saved
 before a key was added resumes with the same behaviour (see src.config.ConfigRegistry.complete).
 """
+from pathlib import Path
+
+from src.config import ConfigRegistry, register_family
 from src.data import dataset_entry, dataset_names, training_set_size
-from src import optim, stream
+from src.datasets import stream
+from src.training import optim
+
+RUNNERS = Path(__file__).resolve().parents[1] / "src" / "scripts"  # a family's runner: train_<family>.py here
 
 TRAINING_ROOT = {
     "dataset": "cifar10",  # a name in src.data.DATASETS: cifar10 | cifar100
@@ -14,14 +21,14 @@ TRAINING_ROOT = {
     "lr": 0.05,
     "momentum": 0.9,
     "weight_decay": 5e-4,
-    "lr_schedule": "cosine",  # a name in src.optim.SCHEDULES: constant | cosine | linear (to 0 at the end) | multistep
+    "lr_schedule": "cosine",  # src.training.optim.SCHEDULES: constant | cosine | linear (to 0 at the end) | multistep
     "lr_milestones": [],  # multistep: where the lr is multiplied by lr_decay, in schedule_unit
     "lr_decay": 0.1,  # multistep: the factor at each milestone
     "warmup": 0,  # warmup length in schedule_unit before the schedule; 0 = off
     "warmup_shape": "linear",  # linear (from warmup_lr up to the schedule's lr) | constant (warmup_lr throughout)
     "warmup_lr": 0.0,  # the learning rate the warmup starts from (linear) or holds (constant)
     "schedule_unit": "epochs",  # epochs | iterations: the unit of lr_milestones and warmup
-    "optimizer": "sgd",  # a name in src.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
+    "optimizer": "sgd",  # a name in src.training.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
     "adam_beta2": 0.999,  # adamw only
     "augment": True,  # random crop and horizontal flip, as the next three keys say; false = neither
     "crop_padding": 4,  # the crop's padding: a random translation by up to this many pixels each way; 0 = none
@@ -58,7 +65,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
                  "compile_mode": COMPILE_MODES,
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
-AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.stream's words
+AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.datasets.stream's words
 
 
 def choices():
@@ -172,3 +179,21 @@ def size_problems(config, count, keys):
 
 def dropout_problems(config):
     return [] if 0 <= config["dropout"] < 1 else [f"--dropout must be in [0, 1), not {config['dropout']}"]
+
+
+def family_registry(model, family_problems, keys, runner=None):
+    """A model family's registry, registered: its root is `{"model": model, **keys, **TRAINING_ROOT}` (the
+    family's keys first), its check the shared keys' problems, then `model`'s, then the family's own
+    `family_problems(config)` (a list of lines); its runner `src/scripts/train_<model>.py` unless `runner` names another."""
+    def problems(config):
+        return training_problems(config) + model_problems(config, model) + family_problems(config)
+
+    registry = register_family(ConfigRegistry(model, problems, RUNNERS / (runner or f"train_{model}.py")))
+    registry.set_root({"model": model, **keys, **TRAINING_ROOT})
+    return registry
+
+
+# SGD 0.1 with momentum 0.9, weight decay 5e-4, batch 128, cosine to 0 over 200 epochs, crops and flips:
+# the recipe of kuangliu/pytorch-cifar, which made these CIFAR variants common (configs/preact_resnet.py, vgg.py).
+COSINE_RECIPE = dict(dataset="cifar10", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                     lr_schedule="cosine", n_epochs=200, augment=True)

@@ -1,19 +1,13 @@
-"""Named configs for `src/scripts/train_wrn.py`: Zagoruyko & Komodakis 2016's Wide ResNets (src/resnets.py)
+"""Named configs for `src/scripts/train_wrn.py`: Zagoruyko & Komodakis 2016's Wide ResNets (src/networks/wrn.py)
 and their CIFAR recipe."""
-from pathlib import Path
-
-from configs.training import (
-    TRAINING_ROOT, dropout_problems, model_problems, n_outputs, size_problems, training_problems,
-)
-from src.config import ConfigRegistry, register_family
-from src.resnets import wrn_parameters
-
-RUNNER = Path(__file__).resolve().parents[1] / "src" / "scripts" / "train_wrn.py"
+from configs.training import dropout_problems, family_registry, n_outputs, size_problems
+from src.networks.wrn import wrn_parameters
 
 
-def validate(config):
-    """The shared keys' problems, then this family's; a list of lines."""
-    problems = training_problems(config) + model_problems(config, "wrn") + dropout_problems(config)
+
+def family_problems(config):
+    """This family's problems (configs.training adds the shared keys'); a list of lines."""
+    problems = dropout_problems(config)
     depth, widen_factor = config["depth"], config["widen_factor"]
     if depth < 10 or (depth - 4) % 6:
         problems.append(f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), not {depth}")
@@ -25,16 +19,11 @@ def validate(config):
     return problems
 
 
-wrn_configs = register_family(ConfigRegistry("wrn", validate, RUNNER))
-wrn_configs.set_root(
-    {
-        "model": "wrn",  # the family (src.models.MODELS); fixed for this runner
-        "depth": 28,  # 6n + 4: n pre-activation blocks in each of the three stages
-        "widen_factor": 10,  # k: the stages have 16k, 32k, 64k channels
-        "dropout": 0.0,  # between the two convolutions of each block; 0 turns it off
-        **TRAINING_ROOT,
-    }
-)
+wrn_configs = family_registry("wrn", family_problems, {
+    "depth": 28,  # 6n + 4: n pre-activation blocks in each of the three stages
+    "widen_factor": 10,  # k: the stages have 16k, 32k, 64k channels
+    "dropout": 0.0,  # between the two convolutions of each block; 0 turns it off
+})
 
 # Zagoruyko & Komodakis 2016, Sec. 3: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128,
 # lr 0.1 multiplied by 0.2 at epochs 60, 120 and 160 of 200, crops and flips; dropout 0.3 (Sec. 4).

@@ -13,7 +13,7 @@ as_script = "__file__" in globals()  # in a notebook, start it from the reposito
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]) if as_script else os.getcwd())
 
 from src.analysis import group_seeds, load_main_loop, load_runs  # noqa: E402
-from src.plots import plot_runs  # noqa: E402
+from src.runs.plots import plot_runs  # noqa: E402
 
 args = sys.argv[1:] if as_script else []
 results = Path(args[0] if args else os.environ.get("RESULTS_DIR", "results"))

@@ -57,7 +57,7 @@ class ConfigRegistry:
         unknown = [key for key in saved if key not in root]
         if unknown:
             raise UsageError(f"{where} has {'keys' if len(unknown) > 1 else 'a key'} this code no longer knows "
-                             f"({', '.join(map(_clip, unknown))}); resume it with the code that wrote it")
+                             f"({', '.join(map(clip, unknown))}); resume it with the code that wrote it")
         filled = [key for key in root if key not in saved]
         return {**{key: copy.deepcopy(root[key]) for key in filled}, **saved}, filled
 
@@ -105,7 +105,7 @@ def check_known_key(key, config, where=""):
     if key not in config:
         close = difflib.get_close_matches(key, list(config), n=1)
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the keys"
-        raise UsageError(f"{where}unknown config key '{_clip(key)}'{hint}")
+        raise UsageError(f"{where}unknown config key '{clip(key)}'{hint}")
 
 
 def type_name(value):
@@ -141,17 +141,17 @@ def _short(value, limit=60):
     """repr(value) cut to `limit` characters: a huge or deeply nested value still gives a short line."""
     if nesting_depth(value) > MAX_NESTING:  # repr itself would recurse too deeply
         return f"(a {type(value).__name__} nested more than {MAX_NESTING} deep)"
-    return _clip(repr(value), limit)
+    return clip(repr(value), limit)
 
 
-def _clip(text, limit=60):
+def clip(text, limit=60):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_value(key, text, config):
     """Turn the text of `--key=text` into a value of the root's type for `key`."""
     expected = type(config[key])
-    shown = _clip(text)
+    shown = clip(text)
     bad = UsageError(f"bad value '{shown}' for --{key}: expected {type_name(config[key])}")
     if expected is bool:
         word = text.strip().lower()
@@ -187,7 +187,8 @@ def diff_keys(old, new):
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-# Every model family's registry by its name; configs/__init__.py registers the built-in ones.
+# Every model family's registry by its name (a leaf: configs/<family>.py registers itself here; `configs.family`
+# and `configs.find_config` look it up once the package has imported every built-in family).
 FAMILIES = {}
 LEGACY_MODEL = "simple_cnn"  # what a config.json without a `model` key was: the only family then
 
@@ -196,35 +197,3 @@ def register_family(registry):
     """Make a family's registry known to sweeps, `load_main_loop`, `evaluate.py` and `report.py`."""
     FAMILIES[registry.model] = registry
     return registry
-
-
-def family(config_or_name):
-    """The registry of a family, by its name or by a config's `model` key; UsageError if unknown."""
-    import configs  # noqa: F401  (registers the built-in families; imported here, as configs imports this module)
-
-    name = config_or_name if isinstance(config_or_name, str) else config_or_name.get("model", LEGACY_MODEL)
-    if name not in FAMILIES:
-        raise UsageError(f"unknown model family '{_clip(str(name))}'; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
-
-
-def find_config(name_or_path, model=None):
-    """-> (family registry, config) for a CONFIG given without its runner (sweeps): a `.json` file, whose
-    `model` key names the family, or a registered name, looked up in family `model` or else in all."""
-    import configs  # noqa: F401  (registers the built-in families)
-
-    if model is not None:
-        return family(model), family(model).get(name_or_path)
-    if name_or_path.endswith(".json"):
-        try:
-            named = json.loads(Path(name_or_path).read_text()).get("model", LEGACY_MODEL)
-        except (OSError, ValueError, RecursionError, AttributeError):
-            named = LEGACY_MODEL  # the family's own reader names the problem
-        registry = family(named if isinstance(named, str) else LEGACY_MODEL)
-        return registry, registry.get(name_or_path)
-    having = [registry for registry in FAMILIES.values() if name_or_path in registry.names() and name_or_path != "root"]
-    if len(having) > 1:
-        raise UsageError(f"config '{name_or_path}' is in the families {', '.join(r.model for r in having)}: "
-                         "choose with --model=NAME")
-    registry = having[0] if having else family(LEGACY_MODEL)  # its get() lists the names it knows
-    return registry, registry.get(name_or_path)

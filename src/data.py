@@ -2,43 +2,27 @@
 the reports read. `load_dataset` -> arrays, `get_dataset` -> the training stream and the validation split;
 `load_cifar` and `get_cifar` are the same for the CIFARs, under the names notebooks use.
 
-The CIFAR files are read and checked by `src.cifar_files`; the decoded arrays are cached beside them
-as `.npy`, with a checksum of each, so that later runs load in a fraction of a second. The stream
+The CIFAR files are read and checked by `src.datasets.cifar_files`; the decoded arrays are cached beside them
+as `.npy`, with a checksum of each, so that later runs load in a fraction of a second (`src.datasets.cache`). The stream
 keeps the data on the run's device and draws all its randomness from (seed, epoch, batch), so its
 position is its whole state.
 """
-import contextlib
-import fcntl
 import functools
-import hashlib
-import io
-import math
 import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from src import download
-from src.cifar_files import (  # noqa: F401 (IMAGE_SHAPE, CIFAR10_CLASSES: public here)
-    CIFAR10_CLASSES, CIFAR10_FILES, CIFAR100_FILES, IMAGE_SHAPE, CifarFiles, cached_class_names, decode,
-    find_source, identity, is_archive,
+from src.datasets import cache, download
+from src.datasets.cifar_files import (  # noqa: F401 (IMAGE_SHAPE, CIFAR10_CLASSES: public here)
+    CIFAR10_CLASSES, CIFAR10_FILES, CIFAR100_FILES, IMAGE_SHAPE, CifarFiles, cached_class_names,
 )
 from src.errors import UsageError
-from src.files import TMP_PREFIX, atomic_write, read_json, remove_stale_temporaries, write_json
-from src.stream import (  # noqa: F401 (public here, as before the stream had a module of its own)
+from src.datasets.stream import (  # noqa: F401 (public here, as before the stream had a module of its own)
     SEED_AUGMENT, SEED_ORDER, SEED_SPLIT, TrainStream, channel_mean_std, derive_seed, split_train_valid,
 )
-
-CACHE_VERSION = 1  # the folder's name; a manifest without checksums (written before they were) is rebuilt
-MANIFEST = "manifest.json"
-CLASS_NAMES = "class_names.json"  # in the cache folder, beside the manifest: read once from the meta file
-CHECKSUM = "sha256"
-STALE_SECONDS = 3600  # without a lock, a temporary untouched this long is no live writer's
-
 
 @dataclass(frozen=True, kw_only=True)
 class Dataset:
@@ -178,184 +162,18 @@ def cifar_dataset(name, files):
 
 
 def _load_cifar_format(name, files, data_dir, label_mode):
-    arrays = _load_cached(name, files, data_dir)
+    arrays = cache.load_cached(name, files, data_dir)
     return ((arrays["x_train"], arrays[f"y_train_{label_mode}"]),
             (arrays["x_test"], arrays[f"y_test_{label_mode}"]))
 
 
 def _cifar_class_names(name, files, data_dir, label_mode):
-    return cached_class_names(files, data_dir, _cache_paths(name, files, data_dir)[0] / CLASS_NAMES)[label_mode]
+    folder, _ = cache.cache_paths(name, files, data_dir)
+    return cached_class_names(files, data_dir, folder / cache.CLASS_NAMES)[label_mode]
 
 
 register_dataset(cifar_dataset("cifar10", CIFAR10_FILES))
 register_dataset(cifar_dataset("cifar100", CIFAR100_FILES))
-
-
-def _cache_paths(name, files, data_dir):
-    folder = data_dir / f"{name}-cache-v{CACHE_VERSION}"
-    return folder, ["x_train", "x_test"] + [f"y_{part}_{mode}" for part in ("train", "test") for mode in files.labels]
-
-
-def _load_cached(name, files, data_dir):
-    """The cache if it is whole and matches the source, else the source decoded (and cached).
-
-    The cache is used only if its manifest (written last) matches the source and every file its
-    checksum: never half old, half new, never a damaged or edited file.
-    """
-    folder, names = _cache_paths(name, files, data_dir)
-    source = find_source(files, data_dir)
-    arrays = _read_cache(folder, names, files, source)
-    if arrays is not None:
-        return arrays
-    downloaded = source is None
-    if downloaded:
-        source = download.download_archive(files.archive, data_dir)
-    with _build_lock(data_dir, folder) as locked:
-        arrays = _read_cache(folder, names, files, source)  # built by another process while we waited?
-        if arrays is None:
-            arrays = _build_cache(folder, names, files, source, locked)
-            if not downloaded and is_archive(files, source):  # a download had its MD5 checked already
-                download.warn_if_unofficial(source)
-    return arrays
-
-
-def _build_cache(folder, names, files, source, locked):
-    arrays = decode(files, source)
-    try:
-        (folder / MANIFEST).unlink(missing_ok=True)  # first: a build cut short leaves no manifest, so it is redone
-        folder.mkdir(exist_ok=True)
-        _remove_temporaries(folder, locked)
-        sums = {name: _save_npy(folder / f"{name}.npy", arrays[name]) for name in names}
-        write_json(folder / MANIFEST, {"source": identity(files, source), "lengths": _lengths(arrays), CHECKSUM: sums})
-    except OSError as e:  # a read-only shared data folder, say: train anyway, just without the cache
-        print(f"warning: cannot cache the decoded arrays in {folder} ({e.strerror or e}); "
-              "loading will be slower", file=sys.stderr)
-    return arrays
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir, folder):
-    """An exclusive flock on DATA_DIR/.<cache folder>.lock while the cache is built: -> whether it is held.
-
-    Two processes (DDP ranks, sweep jobs) may find the cache missing at once; the second waits, then
-    uses what the first built, and no build ever deletes a live build's temporary files.
-    """
-    try:
-        fd = os.open(data_dir / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # a read-only data folder: the cache cannot be written there either, so nothing to guard
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process to finish building {folder}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        locked = True
-    except OSError:  # a file system without flock (some Lustre and NFS mounts): build unguarded
-        locked = False
-    try:
-        yield locked
-    finally:
-        os.close(fd)
-
-
-def _remove_temporaries(folder, locked):
-    """Delete the temporary files of a build that was killed (150 MB each on the real data).
-
-    Every build writes them under the lock, so while we hold it they are all a dead process's. A killed
-    build leaves no manifest, so the next load always rebuilds and gets here. Without the lock, only
-    temporaries untouched for STALE_SECONDS go: a live build rewrites its file within seconds.
-    """
-    if locked:
-        remove_stale_temporaries(folder)
-        return
-    for path in folder.glob(TMP_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            if time.time() - path.stat().st_mtime > STALE_SECONDS:
-                path.unlink()
-
-
-def _lengths(arrays):
-    return {name: len(array) for name, array in arrays.items()}
-
-
-def _read_cache(folder, names, files, source):
-    """The cached arrays, or None (rebuild) unless the manifest is whole, matches the source (when there is
-    one) and every file its checksum."""
-    manifest = _read_manifest(folder, names)
-    if manifest is None or (source is not None and manifest["source"] != identity(files, source)):
-        return None
-    arrays = {}
-    for name in names:
-        arrays[name] = _read_npy(folder / f"{name}.npy", manifest[CHECKSUM][name])
-        if arrays[name] is None or len(arrays[name]) != manifest["lengths"][name]:
-            return None
-    return arrays
-
-
-def _read_manifest(folder, names):
-    """The manifest if it has every field with the right type for exactly these files, else None."""
-    try:
-        manifest = read_json(folder / MANIFEST)
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("source"), list):
-        return None
-    for field, kind in (("lengths", int), (CHECKSUM, str)):
-        entries = manifest.get(field)
-        if not isinstance(entries, dict) or set(entries) != set(names):
-            return None
-        if any(type(value) is not kind for value in entries.values()):
-            return None
-    return manifest
-
-
-def _read_npy(path, checksum):
-    """The array in a cache file, or None unless the file is byte for byte the one we wrote.
-
-    The bytes are checked before numpy parses any of them. Cost, measured on a 2-core Xeon with SHA-NI:
-    on the 150 MB of x_train, reading 0.035 s and sha256 0.11 s (blake2b 0.20 s, md5 0.24 s); a whole
-    CIFAR-10 cache (184 MB) loads in 0.25 s instead of 0.045 s unchecked. CPUs without SHA-NI hash
-    sha256 at about 0.4 GB/s: about 0.5 s.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = bytearray(os.fstat(f.fileno()).st_size)  # a bytearray: the array stays writable
-            if f.readinto(raw) != len(raw):
-                return None
-    except OSError:
-        return None
-    if hashlib.sha256(raw).hexdigest() != checksum:
-        return None
-    header = io.BytesIO(bytes(memoryview(raw)[:4096]))
-    try:
-        version = np.lib.format.read_magic(header)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-        shape, fortran_order, dtype = read(header)
-        if fortran_order or dtype.hasobject:
-            return None
-        return np.frombuffer(raw, dtype, count=math.prod(shape), offset=header.tell()).reshape(shape)
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class _HashingWriter:
-    """A file that hashes the bytes written through it (np.save then writes 16 MB chunks, not `tofile`)."""
-
-    def __init__(self, file, digest):
-        self.file, self.digest = file, digest
-
-    def write(self, data):
-        self.digest.update(data)
-        return self.file.write(data)
-
-
-def _save_npy(path, array):
-    """Write `array` to `path` as .npy, atomically; -> the checksum of the file's bytes."""
-    digest = hashlib.new(CHECKSUM)
-    atomic_write(path, lambda f: np.save(_HashingWriter(f, digest), array, allow_pickle=False))
-    return digest.hexdigest()
 
 
 def get_dataset(name, augment, batch_size, seed, device, valid_size=5000, n_examples=-1, label_mode=None,

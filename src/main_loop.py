@@ -3,8 +3,8 @@
 What fires, in order (the order of attachment, which `MainLoop.attach_extensions` spells out):
     load on start        Checkpoint.resume: the newest whole checkpoint, if the run folder has one
     seeding, schedule    before each step: model randomness re-seeded from (seed, iteration); the
-                         learning rate as a pure function of the iteration (src.optim)
-    the step             forward, loss, backward, gradient clipping, optimizer step (src.recipe); sums
+                         learning rate as a pure function of the iteration (src.training.optim)
+    the step             forward, loss, backward, gradient clipping, optimizer step (src.training.recipe); sums
                          kept on the device; under fp16 through a gradient scaler (in the checkpoint)
     EMA                  after each step, when `ema` is on: the moving average of the weights
     Checkpoint           every `checkpoint_every_n_batches` batches, every `checkpoint_every_seconds`,
@@ -31,24 +31,24 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from src import distributed
-from src.checkpoint import save_tensors
+from src.training import distributed
+from src.runs.checkpoints import save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
-from src.config import family
+from configs import family
 from src.errors import RunError, UsageError
 from src.evaluation import validation_columns
 from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
-from src.hardware import choose_device, choose_precision, grad_scaler, kernel_settings
-from src.model_size import model_size
+from src.training.hardware import choose_device, choose_precision, grad_scaler, kernel_settings
+from src.networks.size import model_size
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
-from src.monitoring import Monitors, format_row
-from src.optim import Clock, build_optimizer, learning_rate, parameter_groups, set_learning_rate
-from src.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
-from src.run_folder import BEST_MODEL, RunFolder, ends_run, is_finished
+from src.extensions.monitoring import Monitors, format_row
+from src.training.optim import Clock, build_optimizer, learning_rate, parameter_groups, set_learning_rate
+from src.training.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
+from src.runs.folder import BEST_MODEL, RunFolder, ends_run, is_finished
 from src.signals import StopRequests
 
-SEED_INIT, SEED_MODEL = 3, 4  # beside src.stream's SPLIT, ORDER, AUGMENT (0-2), CUTOUT (5), MIXUP (6)
+SEED_INIT, SEED_MODEL = 3, 4  # beside src.datasets.stream's SPLIT, ORDER, AUGMENT (0-2), CUTOUT (5), MIXUP (6)
 CHECKPOINT_KEYS = Checkpoint.REQUIRED
 LOG_EVERY = 50  # iterations between reads of the NaN flag and TensorBoard points (one host sync each)
 # ignite logs an exception before re-raising it; ours are reported in one line by src.cli.

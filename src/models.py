@@ -1,42 +1,16 @@
-"""Bricks: small reusable modules, and the simple CNN built from them.
+"""Models by name: the simple CNN (the spec's model, built from its bricks here), `MODELS` and `build_model`.
 
-Models take uint8 images (N, 3, 32, 32) as the archives store them: standardisation is their
-first brick, with the training set's statistics saved among the weights, so a loaded model needs
-nothing else to classify raw CIFAR images.
+Every model family registers its builder in `MODELS` (`src.networks.registry`, a leaf); importing this
+module imports `src.networks`, so the papers' networks are registered too. Models take uint8 images
+(N, 3, 32, 32) and start from a `Standardize` brick (src/networks/bricks.py), found by type wherever
+a family puts it (`find_standardize`).
 """
-import torch
 from torch import nn
 
+import src.networks  # noqa: F401  (registers the papers' networks)
 from src.data import n_classes
-from src.fast import build_fast
-from src.resnets import build_preact_resnet, build_resnet, build_wrn
-from src.vgg import build_vgg
-
-
-class Standardize(nn.Module):
-    """uint8 or float images -> per-channel standardised float32, in the memory format the convs run fastest in."""
-
-    def __init__(self, n_channels=3):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(1, n_channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, n_channels, 1, 1))
-        self.channels_last = False
-
-    def set_statistics(self, mean, std):
-        self.mean.copy_(mean.reshape(self.mean.shape))
-        self.std.copy_(std.reshape(self.std.shape))
-
-    def forward(self, x):
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-def find_standardize(model):
-    """The model's Standardize brick, wherever the family put it (found by type, not position)."""
-    found = [m for m in model.modules() if isinstance(m, Standardize)]
-    if len(found) != 1:
-        raise ValueError(f"{type(model).__name__} must hold exactly one Standardize brick, it holds {len(found)}")
-    return found[0]
+from src.networks.bricks import Standardize, find_standardize  # noqa: F401  (public here, as before they moved)
+from src.networks.registry import MODELS, register_model
 
 
 class ConvBlock(nn.Sequential):
@@ -66,6 +40,7 @@ class SimpleCNN(nn.Sequential):
         super().__init__(Standardize(), *blocks, *head)
 
 
+@register_model("simple_cnn")
 def build_simple_cnn(config):
     """The simple CNN family (configs/simple_cnn.py)."""
     return SimpleCNN(
@@ -76,12 +51,6 @@ def build_simple_cnn(config):
         batch_norm=config["batch_norm"],
         dropout=config["dropout"],
     )
-
-
-# Model families by name: the `model` key of a config. Add one with a builder `(config) -> nn.Module`
-# (taking uint8 images, with one Standardize brick) and a line here; its configs go in configs/<name>.py.
-MODELS = {"simple_cnn": build_simple_cnn, "resnet": build_resnet, "wrn": build_wrn,
-          "preact_resnet": build_preact_resnet, "vgg": build_vgg, "fast": build_fast}
 
 
 def build_model(config):

@@ -4,23 +4,23 @@ parse the command line against the family's registry, check the config, train in
 Imports only the standard library at first, so that a runner can hand its signals over before
 torch is imported (a Ctrl-C during imports then exits quietly).
 """
-import importlib
 import os
 
 from src.signals import exit_at_once_on
 
 
-def main(registry, description):
-    """`registry`: "module:name" of the family's ConfigRegistry, imported only after the signals are set."""
+def main(family_name, description):
+    """`family_name`: the model family whose registry (configs/<family>.py) the command line is parsed
+    against; the configs are imported only after the signals are set."""
     # Outside the training loop, which takes these over to checkpoint first, there is nothing to save.
     exit_at_once_on("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
     # No TorchScript is used here; without it, importing ignite (which scripts torch's functional
     # optimizers at import) is 0.3 s faster. An explicit PYTORCH_JIT=1 still wins.
     os.environ.setdefault("PYTORCH_JIT", "0")
+    from configs import family
     from src.cli import dispatch_with_overrides
 
-    module, name = registry.split(":")
-    dispatch_with_overrides(train, getattr(importlib.import_module(module), name), description=description)
+    dispatch_with_overrides(train, family(family_name), description=description)
 
 
 def train(config, save_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import list_checkpoints, load_tensors
-from src.cifar_writer import write_cifar
+from src.runs.checkpoints import list_checkpoints, load_tensors
+from src.datasets.writer import write_cifar
 from src.data import load_cifar
 
 REPO = Path(__file__).resolve().parents[1]

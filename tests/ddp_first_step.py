@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from configs.simple_cnn import simple_cnn_configs  # noqa: E402
-from src import distributed  # noqa: E402
+from src.training import distributed  # noqa: E402
 from src.data import get_cifar  # noqa: E402
 from src.main_loop import build_training_model, data_parallel  # noqa: E402
 from src.models import build_simple_cnn  # noqa: E402

@@ -9,7 +9,7 @@ import tarfile
 
 import numpy as np
 
-from src.shift_sets import CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_FOLDER, CORRUPTIONS
+from src.datasets.shift_sets import CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_FOLDER, CORRUPTIONS
 
 
 def shift_images(n, seed):

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from configs.training import TRAINING_ROOT
 from src.cli import dispatch_with_overrides
-from src.config import apply_overrides, family
+from configs import family
+from src.config import apply_overrides
 from src.errors import UsageError
-from src.stream import SEED_AUGMENT, TrainStream, derive_seed
+from src.datasets.stream import SEED_AUGMENT, TrainStream, derive_seed
 
 LEGACY_CONFIG = Path(__file__).parent / "data" / "run_v1_2c3368b" / "config.json"
 AIRBENCH = dict(crop_padding=2, crop_padding_mode="reflect", flip="alternate")
@@ -180,7 +181,7 @@ def test_shards_with_cutout_and_mixup_rebuild_their_partners_as_one_process_does
 
 
 def augment_before_the_keys(s, x, at, epoch, batch):
-    """src.stream's _augment as it was before crop_padding, crop_padding_mode and flip existed."""
+    """src.datasets.stream's _augment as it was before crop_padding, crop_padding_mode and flip existed."""
     generator = torch.Generator().manual_seed(derive_seed(s.seed, SEED_AUGMENT, epoch, batch))
     shifts = torch.randint(0, 9, (s.batch_size, 2), generator=generator)[at]
     flips = (torch.rand(s.batch_size, generator=generator) < 0.5)[at]

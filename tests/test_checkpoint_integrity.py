@@ -17,7 +17,7 @@ import torch
 
 from conftest import TINY
 from src.analysis import load_main_loop
-from src.checkpoint import (
+from src.runs.checkpoints import (
     TRAILER_LENGTH,
     CorruptCheckpoint,
     checkpoint_iteration,
@@ -170,7 +170,7 @@ def test_a_failing_disk_or_memory_never_sets_a_whole_checkpoint_aside(saved_run,
             return False
 
     with monkeypatch.context() as patch:
-        patch.setattr("src.checkpoint.open", FailingRead, raising=False)
+        patch.setattr("src.runs.checkpoints.open", FailingRead, raising=False)
         with pytest.raises(OSError, match="Input/output error"):
             load_newest(newest.parent, CHECKPOINT_KEYS, warn=print, set_aside=True)
     assert newest.exists()
@@ -324,7 +324,7 @@ def fill_before_call(monkeypatch, disk, owner, name, leave):
 
 
 def fill_up(monkeypatch, disk, where, leave):
-    from src.monitoring import Monitors
+    from src.extensions.monitoring import Monitors
 
     if where == "tensorboard":  # the epoch's TensorBoard events, then curves.png
         fill_before_call(monkeypatch, disk, Monitors, "epoch", leave)

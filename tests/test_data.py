@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.cifar_writer import py2_pickle, write_cifar
+from src.datasets.writer import py2_pickle, write_cifar
 from src.data import (
     DATASETS,
     TrainStream,
@@ -211,7 +211,7 @@ def test_read_only_data_dir_still_loads(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("src.data.atomic_write", refuse)
+    monkeypatch.setattr("src.datasets.cache.atomic_write", refuse)
     loaded = load_cifar("cifar10", tmp_path)
     check_arrays(loaded, N_TRAIN, N_TEST, 10)
     assert "cannot cache" in capsys.readouterr().err

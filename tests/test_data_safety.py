@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from src import data, download
+from src.datasets import cache
+from src.datasets import download
 from conftest import one_line_error as one_line
-from src.cifar_writer import py2_pickle, write_cifar
+from src.datasets.writer import py2_pickle, write_cifar
 from src.data import DATASETS, get_cifar, load_cifar, split_train_valid
 from src.errors import RunError, UsageError
 
@@ -289,7 +290,7 @@ def test_a_live_builds_temporary_is_left_alone_and_waited_for(tmp_path, referenc
     holding, release, seen, loaded = threading.Event(), threading.Event(), [], []
 
     def other_build():  # another process's build, between writing a temporary and renaming it
-        with data._build_lock(tmp_path, folder) as locked:
+        with cache._build_lock(tmp_path, folder) as locked:
             live.write_bytes(b"being written")
             holding.set()
             release.wait(10)
@@ -317,14 +318,14 @@ def test_a_live_builds_temporary_is_left_alone_and_waited_for(tmp_path, referenc
 def test_two_loads_at_once_decode_once(tmp_path, reference, monkeypatch):
     write_cifar("cifar10", tmp_path, N_TRAIN, N_TEST, seed=1)
     decodes = []
-    real_decode = data.decode
+    real_decode = cache.decode
 
     def counting_decode(spec, source):
         decodes.append(source)
         time.sleep(0.2)  # long enough for the other load to arrive while this one builds
         return real_decode(spec, source)
 
-    monkeypatch.setattr(data, "decode", counting_decode)
+    monkeypatch.setattr(cache, "decode", counting_decode)
     results = []
     threads = [threading.Thread(target=lambda: results.append(load_cifar("cifar10", tmp_path))) for _ in range(2)]
     for thread in threads:
@@ -341,11 +342,11 @@ def test_without_flock_only_old_temporaries_go(cached, reference, monkeypatch):
     def no_flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(data.fcntl, "flock", no_flock)
+    monkeypatch.setattr(cache.fcntl, "flock", no_flock)
     old, fresh = cached / ".tmp-x_train.npy.0ld000", cached / ".tmp-x_test.npy.fr3sh0"
     for path in (old, fresh):
         path.write_bytes(b"\0" * 64)
-    hours_ago = time.time() - 2 * data.STALE_SECONDS
+    hours_ago = time.time() - 2 * cache.STALE_SECONDS
     os.utime(old, (hours_ago, hours_ago))
     (cached / "manifest.json").unlink()
     assert_same(load_cifar("cifar10", cached.parent), reference)
@@ -415,7 +416,7 @@ def test_a_permission_error_on_the_archive_is_not_corruption(tmp_path, monkeypat
     def denied(path, *args, **kwargs):  # tests run as root, where chmod 000 does not stop a read
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr("src.cifar_files.gzip.open", denied)
+    monkeypatch.setattr("src.datasets.cifar_files.gzip.open", denied)
     with pytest.raises(RunError) as excinfo:
         load_cifar("cifar10", tmp_path)
     message = one_line(excinfo, f"cannot read {archive} (Permission denied)")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from src import cifar_files, download
+from src.datasets import cifar_files
+from src.datasets import download
 from conftest import one_line_error as one_line
-from src.cifar_writer import py2_pickle, write_cifar
+from src.datasets.writer import py2_pickle, write_cifar
 from src.data import (
     DATASETS,
     Dataset,

@@ -1,4 +1,4 @@
-"""src.download through load_cifar, against a local HTTP server: MD5 check, errors, nothing partial left."""
+"""src.datasets.download through load_cifar, against a local HTTP server: MD5 check, errors, nothing partial left."""
 import functools
 import hashlib
 import http.server
@@ -8,9 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from src import download
-from src.cifar_writer import write_cifar
+from src.datasets import download
+from src.datasets.writer import write_cifar
 from src.data import load_cifar
+from src.datasets.cifar_files import KRIZHEVSKY_URL
 from src.errors import RunError
 from src.files import TMP_PREFIX
 
@@ -152,6 +153,15 @@ def test_download_not_found(mirror, tmp_path):
 
 def test_archive_url_default_and_override(monkeypatch):
     monkeypatch.delenv(download.BASE_URL_VARIABLE, raising=False)
-    assert download.archive_url(ARCHIVE) == download.DEFAULT_BASE_URL + ARCHIVE
+    assert download.archive_url(ARCHIVE) == KRIZHEVSKY_URL + ARCHIVE  # as the CIFAR-10 entry publishes it
     monkeypatch.setenv(download.BASE_URL_VARIABLE, "http://mirror.example/cifar///")
     assert download.archive_url(ARCHIVE) == "http://mirror.example/cifar/" + ARCHIVE
+
+
+def test_an_archive_no_dataset_publishes_has_no_url_but_a_mirror_s(monkeypatch):
+    """download knows no dataset: a name no entry registered is fetched only from an explicit mirror."""
+    monkeypatch.delenv(download.BASE_URL_VARIABLE, raising=False)
+    with pytest.raises(RunError, match="no dataset entry publishes nothing-9.tar.gz"):
+        download.archive_url("nothing-9.tar.gz")
+    monkeypatch.setenv(download.BASE_URL_VARIABLE, "http://mirror.example/x")
+    assert download.archive_url("nothing-9.tar.gz") == "http://mirror.example/x/nothing-9.tar.gz"

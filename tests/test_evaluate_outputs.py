@@ -12,7 +12,7 @@ from shift_files import cifar10c_arrays, write_cifar10_1, write_cifar10c_folder
 from src.analysis import load_main_loop, load_runs
 from src.data import load_cifar
 from src.evaluation import predict
-from src.shift_sets import COMMON_CORRUPTIONS, CORRUPTIONS
+from src.datasets.shift_sets import COMMON_CORRUPTIONS, CORRUPTIONS
 from test_reporting import assert_real_picture
 
 REPORT_SCRIPT = REPO / "src" / "scripts" / "report.py"
@@ -152,7 +152,7 @@ def test_cifar10c_reports_every_corruption_and_severity_and_the_means(ema_run, e
 
 
 def test_the_run_table_shows_model_size_and_test_results(ema_run, evaluate_here, data_dir):
-    from src.model_size import model_size
+    from src.networks.size import model_size
     from src.models import build_model
 
     meta = json.loads((ema_run / "meta.json").read_text())

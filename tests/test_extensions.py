@@ -5,11 +5,11 @@ import types
 import torch
 from ignite.engine import Engine, Events
 
-from src.checkpoint import checkpoint_iteration, list_checkpoints, load_tensors
-from src.distributed import SingleProcess
+from src.runs.checkpoints import checkpoint_iteration, list_checkpoints, load_tensors
+from src.training.distributed import SingleProcess
 from src.extensions import Checkpoint, StopOnSignal
 from src.main_loop import Progress
-from src.run_folder import RunFolder, ends_run, is_finished
+from src.runs.folder import RunFolder, ends_run, is_finished
 
 BATCHES = [(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))] * 4  # 4 batches per epoch
 

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from conftest import REPO, assert_identical, kill_mid_epoch
-from src.checkpoint import list_checkpoints, load_tensors
-from src.config import apply_overrides, family
-from src.fast import WHITEN_EPS, FastNet, Whitening, fast_parameters
+from src.runs.checkpoints import list_checkpoints, load_tensors
+from configs import family
+from src.config import apply_overrides
+from src.networks.fast import WHITEN_EPS, FastNet, Whitening, fast_parameters
 from src.models import build_model, find_standardize
-from src.optim import Clock, build_optimizer, parameter_groups, set_learning_rate
+from src.training.optim import Clock, build_optimizer, parameter_groups, set_learning_rate
 
 # airbench94's make_net() (legacy/airbench94.py; airbench94_muon.py builds the same layers), built on a CPU
 # and counted: sum(p.numel() for p in net.parameters()) and those with requires_grad after its freezing.

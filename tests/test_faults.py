@@ -17,7 +17,7 @@ from conftest import (
     start_script,
     wait_for_mid_epoch_checkpoint,
 )
-from src.checkpoint import checkpoint_iteration, list_checkpoints, load_tensors, save_tensors
+from src.runs.checkpoints import checkpoint_iteration, list_checkpoints, load_tensors, save_tensors
 from src.files import TMP_PREFIX
 
 FAULTS = str(Path(__file__).parent / "faults")

@@ -1,4 +1,4 @@
-"""src.hardware (issue 13): which precision `auto` picks on each kind of device, a precision the device cannot
+"""src.training.hardware (issue 13): which precision `auto` picks on each kind of device, a precision the device cannot
 run said in one line, fp16's scaler, and the CUDA kernel settings of `deterministic` (flags only: they are
 set and restored without a GPU; tests/test_faults.py holds the CUDA bit-exact resume test)."""
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from src import hardware
+from src.training import hardware
 from src.errors import RunError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

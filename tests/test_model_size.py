@@ -1,4 +1,4 @@
-"""Model size (src.model_size): parameters and MACs per image, counted by torch on a meta-device copy, without
+"""Model size (src.networks.size): parameters and MACs per image, counted by torch on a meta-device copy, without
 touching the model measured."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from configs.resnet import resnet_configs
 from configs.simple_cnn import simple_cnn_configs
-from src.model_size import format_macs, macs_per_image, meta_copy, model_size
+from src.networks.size import format_macs, macs_per_image, meta_copy, model_size
 from src.models import Standardize, build_model
 
 

@@ -1,11 +1,11 @@
-"""src.optim: optimizers and schedules by name, the schedules as pure functions of the iteration."""
+"""src.training.optim: optimizers and schedules by name, the schedules as pure functions of the iteration."""
 import math
 
 import pytest
 import torch
 
 from src.errors import UsageError
-from src.optim import (OPTIMIZERS, SCHEDULES, Clock, build_optimizer, learning_rate, parameter_groups,
+from src.training.optim import (OPTIMIZERS, SCHEDULES, Clock, build_optimizer, learning_rate, parameter_groups,
                        set_learning_rate)
 
 CONFIG = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "adam_beta2": 0.999, "optimizer": "sgd",

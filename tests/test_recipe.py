@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY
-from src.checkpoint import list_checkpoints, load_tensors
+from src.runs.checkpoints import list_checkpoints, load_tensors
 from src.extensions import EMA
 from src.models import Standardize
-from src.recipe import PLAIN, Recipe, scored_labels, train_step
-from src.stream import TrainStream
+from src.training.recipe import PLAIN, Recipe, scored_labels, train_step
+from src.datasets.stream import TrainStream
 
 CPU = torch.device("cpu")
 

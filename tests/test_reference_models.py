@@ -13,11 +13,14 @@ import torch
 from torch import nn
 
 from conftest import REPO, assert_identical, kill_mid_epoch
-from src.config import apply_overrides, family
+from configs import family
+from src.config import apply_overrides
 from src.models import build_model, find_standardize
-from src.resnets import (BasicBlock, PreActBlock, PreActResNet18, ResNet, WideResNet, preact_resnet18_parameters,
-                         resnet_parameters, wrn_parameters)
-from src.vgg import VGG, vgg_parameters
+from src.networks.bricks import PreActBlock
+from src.networks.preact_resnet import PreActResNet18, preact_resnet18_parameters
+from src.networks.resnet import BasicBlock, ResNet, resnet_parameters
+from src.networks.wrn import WideResNet, wrn_parameters
+from src.networks.vgg import VGG, vgg_parameters
 
 
 def n_parameters(model):

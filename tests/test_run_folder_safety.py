@@ -11,8 +11,8 @@ import time
 import pytest
 
 from conftest import REPO, TINY, TRAIN_SCRIPT, run_script, script_env, start_script, wait_for_mid_epoch_checkpoint
-from src.checkpoint import list_checkpoints
-from src.cifar_writer import write_cifar
+from src.runs.checkpoints import list_checkpoints
+from src.datasets.writer import write_cifar
 
 
 def folder_bytes(run):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from conftest import TRAIN_SCRIPT, run_script
-from src.checkpoint import list_checkpoints, load_tensors
-from src.cifar_writer import write_cifar
+from src.runs.checkpoints import list_checkpoints, load_tensors
+from src.datasets.writer import write_cifar
 
 LEGACY = Path(__file__).parent / "data" / "run_v1_2c3368b"
 LEGACY_ARGS = ["--n_layers=1", "--n_filters=2", "--dim_dense=4", "--batch_size=50", "--valid_size=50",
@@ -130,12 +130,13 @@ def toy_images(n, seed):
 def toy_registries(monkeypatch):
     from configs.training import TRAINING_ROOT, training_problems
     from src import config as config_module
-    from src import data, models, optim
+    from src import data
+    from src import models
+    from src.training import optim
     from src.config import ConfigRegistry, register_family
     from src.data import Dataset, n_classes, register_dataset
 
-    monkeypatch.setattr(models, "MODELS", {**models.MODELS, "toy": lambda c: Toy(n_classes(c["dataset"]),
-                                                                                   c["width"])})
+    monkeypatch.setitem(models.MODELS, "toy", lambda c: Toy(n_classes(c["dataset"]), c["width"]))
     monkeypatch.setattr(optim, "OPTIMIZERS", {**optim.OPTIMIZERS,
                                               "plain": lambda c, p: torch.optim.SGD(p, lr=c["lr"])})
     monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))

@@ -1,4 +1,4 @@
-"""The distribution-shift test sets (src.shift_sets): CIFAR-10.1 and CIFAR-10-C in their official layouts, the
+"""The distribution-shift test sets (src.datasets.shift_sets): CIFAR-10.1 and CIFAR-10-C in their official layouts, the
 checks of what they hold, and their download against a server on 127.0.0.1."""
 import functools
 import hashlib
@@ -12,10 +12,11 @@ import pytest
 
 from conftest import one_line_error as one_line
 from shift_files import cifar10c_arrays, write_cifar10_1, write_cifar10c_folder, write_cifar10c_tar
-from src import download, shift_sets
+from src.datasets import download
+from src.datasets import shift_sets
 from src.errors import RunError
 from src.files import TMP_PREFIX
-from src.shift_sets import CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_ARCHIVE, CORRUPTIONS, Cifar10C, load_cifar10_1
+from src.datasets.shift_sets import CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_ARCHIVE, CORRUPTIONS, Cifar10C, load_cifar10_1
 
 
 def test_the_corruptions_are_the_papers_15_and_4_held_out():

@@ -11,7 +11,7 @@ from conftest import REPO, RESUMABLE, TINY, assert_identical, script_env, wait_f
 from configs.simple_cnn import simple_cnn_configs
 from src.errors import UsageError
 from src.sweep import TrainingJob, expand_grid, plan_sweep
-from src.sweep_slurm import slurm_parameters
+from src.sweep.slurm import slurm_parameters
 
 SWEEP_SCRIPT = REPO / "src" / "scripts" / "sweep.py"
 ROOT = simple_cnn_configs.root
@@ -161,7 +161,7 @@ def test_slurm_job_array_parameters(tmp_path):
     assert "gpus_per_node" not in slurm_parameters("cpu-only")
     import src.sweep
 
-    assert src.sweep.slurm_parameters is slurm_parameters  # where it was imported from before src.sweep_slurm
+    assert src.sweep.slurm_parameters is slurm_parameters  # where it was imported from before src.sweep.slurm
 
 
 def test_the_job_passes_the_warning_on_and_asks_to_be_requeued(tmp_path):
@@ -193,7 +193,7 @@ def test_bad_sweep_usage_is_one_line(data_dir, tmp_path):
 def test_a_slurm_job_that_did_not_finish_its_run_reads_as_its_reason(tmp_path, monkeypatch):
     """Slurm's one line (time limit, scancel, node failure), else the job's RunFailed, else the exception of its
     traceback, else Slurm's final state; never a log path."""
-    from src import sweep_slurm
+    from src.sweep import slurm as sweep_slurm
 
     monkeypatch.setattr(sweep_slurm, "final_state", lambda job_id: "OUT_OF_MEMORY")
     folder = tmp_path / ".submitit"
@@ -232,7 +232,7 @@ def test_a_rerun_slurm_sweep_decides_from_the_run_folders_never_from_a_planted_r
     import json
     import pickle
 
-    from src import sweep_slurm
+    from src.sweep import slurm as sweep_slurm
     from src.sweep import is_finished
 
     sweep_dir, marker = tmp_path / "grid", tmp_path / "pwned"
@@ -350,7 +350,7 @@ def test_points_slurm_still_has_are_found_from_the_recorded_arrays(tmp_path, mon
     """What a rerun asks squeue: only this sweep's recorded jobs count, and only while pending or running."""
     import json
 
-    from src import sweep_slurm
+    from src.sweep import slurm as sweep_slurm
 
     (tmp_path / ".submitit").mkdir()
     (tmp_path / ".submitit" / "array_41.json").write_text(json.dumps({"41_0": "a", "41_1": "b", "41_2": "c"}))

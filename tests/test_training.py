@@ -19,7 +19,7 @@ from conftest import (
     wait_for_mid_epoch_checkpoint,
 )
 from src.analysis import load_main_loop
-from src.checkpoint import list_checkpoints, load_tensors
+from src.runs.checkpoints import list_checkpoints, load_tensors
 from src.files import RunFolderLock
 
 def test_two_epoch_run_fills_the_run_folder(train, tmp_path):
@@ -286,10 +286,10 @@ def test_valid_every_validates_every_nth_epoch_and_the_last(train_here, tmp_path
 
 def drawings(monkeypatch):
     """The number of log rows of every curves.png drawing, in order (the real drawing still happens)."""
-    import src.plots
+    import src.runs.plots
 
-    calls, real = [], src.plots.plot_curves
-    monkeypatch.setattr(src.plots, "plot_curves", lambda log, path, title: (calls.append(len(log)),
+    calls, real = [], src.runs.plots.plot_curves
+    monkeypatch.setattr(src.runs.plots, "plot_curves", lambda log, path, title: (calls.append(len(log)),
                                                                             real(log, path, title)))
     return calls
 
@@ -312,12 +312,12 @@ def test_a_drawing_that_cannot_be_written_stops_the_run_in_one_line(train_here, 
     """Drawn off the training thread, a full disk at curves.png is still one line, exit 1, before the next save."""
     import errno
 
-    import src.plots
+    import src.runs.plots
 
     def full(log, path, title):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(src.plots, "plot_curves", full)
+    monkeypatch.setattr(src.runs.plots, "plot_curves", full)
     run = tmp_path / "run"
     result = train_here(run, "--checkpoint_every_n_batches=4")
     assert result.returncode == 1
@@ -329,7 +329,7 @@ def test_a_drawing_that_cannot_be_written_stops_the_run_in_one_line(train_here, 
 
 def test_a_run_stopped_by_a_signal_draws_its_whole_log(data_dir, tmp_path):
     """Epoch 2 is not due for a drawing (plot_every_seconds=1e9); SIGTERM in epoch 3 draws both epochs."""
-    from src.plots import plot_curves
+    from src.runs.plots import plot_curves
     import pandas as pd
 
     run = tmp_path / "run"
@@ -348,12 +348,12 @@ def test_a_run_stopped_by_a_signal_draws_its_whole_log(data_dir, tmp_path):
 
 def test_fp16_the_device_cannot_run_is_refused_in_one_line_before_anything_is_written(train_here, tmp_path,
                                                                                        monkeypatch):
-    import src.hardware
+    import src.training.hardware
 
     def no_half(device, precision):
         raise RuntimeError("no fp16 kernels here")
 
-    monkeypatch.setattr(src.hardware, "autocast", no_half)
+    monkeypatch.setattr(src.training.hardware, "autocast", no_half)
     run = tmp_path / "run"
     result = train_here(run, "--precision=fp16")
     assert result.returncode == 1
@@ -368,7 +368,7 @@ def test_fp16_under_torchrun_skips_overflowing_steps_on_every_rank_alike(data_di
     import sys
 
     from conftest import REPO, script_env
-    from src.checkpoint import save_tensors
+    from src.runs.checkpoints import save_tensors
 
     def torchrun(*args):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

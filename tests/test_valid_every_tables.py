@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-import src.plots
+import src.runs.plots
 from src.analysis import summarize_run
 
 OLD_RUN = Path(__file__).parent / "data" / "run_v1_2c3368b"
@@ -23,13 +23,13 @@ def test_last_valid_acc_is_the_last_epoch_validated(tmp_path):
 
 def test_the_validation_line_joins_the_epochs_validated(tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(src.plots, "_save", lambda figure, path: figures.append(figure))
+    monkeypatch.setattr(src.runs.plots, "_save", lambda figure, path: figures.append(figure))
     log = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "train_loss": [2.0, 1.8, 1.6, 1.5, 1.4],
                         "train_acc": [0.2, 0.3, 0.4, 0.5, 0.6], "valid_loss": [1.9, None, None, 1.5, 1.4],
                         "valid_acc": [0.25, None, None, 0.5, 0.55]})
-    src.plots.plot_curves(log, tmp_path / "curves.png", "run")
-    src.plots.plot_runs({"run": log}, tmp_path / "runs.png")
-    src.plots.plot_groups({"group": [log, log]}, tmp_path / "groups.png")
+    src.runs.plots.plot_curves(log, tmp_path / "curves.png", "run")
+    src.runs.plots.plot_runs({"run": log}, tmp_path / "runs.png")
+    src.runs.plots.plot_groups({"group": [log, log]}, tmp_path / "groups.png")
     for figure in figures:
         valid_lines = [line for axes in figure.axes for line in axes.get_lines()
                        if line.get_label() in ("validation", "run", "group")]

@@ -1,6 +1,6 @@
 """make bench: what one training step of the default model costs, what a whole epoch costs around it, what
 the full regularisation recipe (EMA, mixup, cutout, label smoothing) costs on top of the plain step, what
-each epoch's bookkeeping costs for every reference model (bench_epoch_costs.py), and on CUDA the fp16 step
+each epoch's bookkeeping costs for every reference model (src/bench/epoch_costs.py), and on CUDA the fp16 step
 and torch.compile's modes (compile time apart).
 
 Everything is measured in one process, interleaved (one round of every measurement, then the
@@ -17,12 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, no PYTHONPATH
 os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 
+from src.bench.timing import median, synchronize, time_images  # noqa: E402
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.extensions import EMA  # noqa: E402
-from src.hardware import grad_scaler  # noqa: E402
+from src.training.hardware import grad_scaler  # noqa: E402
 from src.main_loop import build_training_model, train_step  # noqa: E402  (the loop's own step, timed bare)
 from src.models import build_model  # noqa: E402
-from src.recipe import PLAIN, Recipe  # noqa: E402
+from src.training.recipe import PLAIN, Recipe  # noqa: E402
 
 # The recipe row: the papers' CIFAR-10 values (cutout 16, mixup alpha 1, smoothing 0.1) and a usual EMA decay.
 RECIPE = {"ema": 0.999, "mixup": 1.0, "cutout": 16, "label_smoothing": 0.1}
@@ -33,25 +34,9 @@ SCRATCH = "scratch"
 RESULT_FILE = "scratch/bench.json"
 
 
-def synchronize(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_model(config, stream, device, precision):
     """The model and optimizer exactly as the main loop builds them (same seed, statistics, memory format)."""
     return build_training_model(config, build_model, stream, device, precision)
-
-
-def time_images(run, n_images, device):
-    """Images per second of `run()` (which processes `n_images`), device work included."""
-    synchronize(device)
-    started = time.perf_counter()
-    run()
-    synchronize(device)
-    return n_images / (time.perf_counter() - started)
 
 
 class Bench:
@@ -170,7 +155,7 @@ class Bench:
 
     def checkpoint_ms(self):
         """One checkpoint of the default model with its optimizer state, written as the main loop writes it."""
-        from src.checkpoint import save_tensors
+        from src.runs.checkpoints import save_tensors
 
         model, optimizer = self.best
         contents = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -226,13 +211,6 @@ class PilCifar:
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), self.labels[i]
 
 
-def median(values):
-    if any(value is None for value in values):  # a row this device skips
-        return None
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 @exit_codes
 def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=False, compile_modes=None,
          epoch_costs_of=None):
@@ -246,9 +224,9 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     import torch
 
     from configs.simple_cnn import simple_cnn_configs
-    from src.cifar_writer import write_cifar
-    from src.hardware import choose_device, choose_precision, kernel_settings
-    from src.scripts import bench_epoch_costs
+    from src.datasets.writer import write_cifar
+    from src.training.hardware import choose_device, choose_precision, kernel_settings
+    from src.bench import epoch_costs
 
     # The default config; the validation share of the training images is kept at its 5,000 of 50,000.
     config = {**simple_cnn_configs.get("cifar10"), "valid_size": n_images // 10}
@@ -272,7 +250,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
             modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:1] if compile_too else ()
         compiled = {mode: measure_compile(bench, mode) for mode in modes} or None
         only = set(epoch_costs_of.split(",")) if epoch_costs_of else None
-        epoch_costs = bench_epoch_costs.measure(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
+        epoch_costs = epoch_costs.measure(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
 
     result = {name: median(values) for name, values in rounds.items() if name != "end_to_end"}
     result["end_to_end_epoch"] = median([v["epoch"] for v in rounds["end_to_end"]])
@@ -294,7 +272,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     if device.type == "cuda":
         environment["gpu"] = torch.cuda.get_device_name(device)
     print_table(result, environment, compiled)
-    bench_epoch_costs.print_table(epoch_costs, result["loop_fixed_seconds"], result["loop_fixed_share"])
+    epoch_costs.print_table(epoch_costs, result["loop_fixed_seconds"], result["loop_fixed_share"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"medians": result, "rounds": rounds, "environment": environment,
                                      "compile": compiled, "epoch_costs": epoch_costs}, indent=2) + "\n")

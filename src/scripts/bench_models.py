@@ -2,7 +2,7 @@
 the training step's speed here: python src/scripts/bench_models.py [--steps N] [--out FILE] [--only NAME,...]
 
 Parameters and MACs are counted by torch (`torch.utils.flop_counter`: convolutions and dense layers, one
-32x32 image, MACs = FLOPs / 2) through `src.model_size`, as every run records them in its meta.json. The
+32x32 image, MACs = FLOPs / 2) through `src.networks.size`, as every run records them in its meta.json. The
 speed is the bare training step (forward, backward, optimizer; the main loop's own `train_step`, model and
 optimizer built as the main loop builds them) on random uint8 batches, after one warm-up step, at the
 precision `auto` picks; an epoch of 45,000 images is that rate's time, so the loop's small overhead
@@ -19,15 +19,11 @@ from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in p
 if __name__ == "__main__":
     exit_at_once_on("SIGINT")
 
+from src.bench.timing import CONFIGS, synchronize  # noqa: E402
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
 
 RESULT_FILE = "scratch/bench_models.json"
-# (family, named config, batch for the speed): the big models' batches are smaller so a step stays seconds here.
-CONFIGS = [("simple_cnn", "cifar10", 128), ("resnet", "resnet20", 128), ("resnet", "resnet56", 128),
-           ("resnet", "resnet110", 64), ("wrn", "wrn_16_4", 64), ("wrn", "wrn_28_10", 16),
-           ("preact_resnet", "preact_resnet18", 32), ("vgg", "vgg11_bn", 64), ("vgg", "vgg16_bn", 64),
-           ("fast", "fast", 256)]  # the fast recipe's batch is 1024: on a GPU, time it with --batch 1024
 
 
 def measure(config, batch, steps, device, precision):
@@ -36,11 +32,10 @@ def measure(config, batch, steps, device, precision):
 
     import torch
 
-    from src.hardware import grad_scaler
+    from src.training.hardware import grad_scaler
     from src.main_loop import build_training_model, train_step
-    from src.model_size import model_size
+    from src.networks.size import model_size
     from src.models import build_model
-    from src.scripts.bench import synchronize
 
     # Random training images, for a model whose initialisation reads them (src/fast.py's whitening).
     images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -71,8 +66,8 @@ def main(*, steps=3, out=RESULT_FILE, only=None, batch=0):
 
     import torch
 
-    from src.config import family
-    from src.hardware import choose_device, choose_precision
+    from configs import family
+    from src.training.hardware import choose_device, choose_precision
 
     if batch < 0:
         raise UsageError(f"--batch must be 0 (each model its own) or positive, not {batch}")

@@ -29,9 +29,9 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
     """Evaluate the latest, the best and the EMA model of the run in SAVE_PATH on the test set (--test_set:
     test, cifar10.1 or cifar10c); --tta=flip or flip+shift (or both, comma-separated) adds test-time-augmented
     numbers beside the plain ones; --corruptions=NAME,... limits cifar10c to some corruptions."""
-    from src.cifar_files import CIFAR10_CLASSES
+    from src.datasets.cifar_files import CIFAR10_CLASSES
     from src.data import class_names, default_data_dir
-    from src.hardware import choose_device
+    from src.training.hardware import choose_device
 
     ttas, chosen = check_options(device, test_set, tta, corruptions)
     run, models = load_run(save_path, allow_unfinished)
@@ -51,7 +51,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
               "class_names": names}
     models = {which: model.to(target) for which, model in models.items()}
     if test_set == "cifar10c":
-        from src.corruption_eval import evaluate_corruptions
+        from src.evaluation import evaluate_corruptions
 
         result.update(evaluate_corruptions(models, data_dir, chosen, ttas, target))
     else:
@@ -71,7 +71,7 @@ def check_options(device, test_set, tta, corruptions):
     """-> (TTA modes, corruptions): the options, checked before anything is loaded."""
     from src.analysis import TEST_SETS  # the run table reads the same sets' results
     from src.evaluation import TTA_MODES
-    from src.shift_sets import CORRUPTIONS
+    from src.datasets.shift_sets import CORRUPTIONS
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'")
@@ -93,8 +93,8 @@ def check_options(device, test_set, tta, corruptions):
 def load_run(save_path, allow_unfinished):
     """-> (the run, {"last": model, "best": model, "ema": model}: those the run has), or a one-line refusal."""
     from src.analysis import load_main_loop
-    from src.checkpoint import CorruptCheckpoint
-    from src.run_folder import is_finished
+    from src.runs.checkpoints import CorruptCheckpoint
+    from src.runs.folder import is_finished
 
     try:  # a file of the run that cannot be used raises src.analysis.UnreadableRun, a RunError: exit 1
         run = load_main_loop(save_path)
@@ -116,7 +116,7 @@ def load_test_set(test_set, config, data_dir):
     import torch
 
     from src.data import load_dataset
-    from src.shift_sets import load_cifar10_1
+    from src.datasets.shift_sets import load_cifar10_1
 
     if test_set == "cifar10.1":
         x, y = load_cifar10_1(data_dir)
@@ -159,7 +159,7 @@ def save_outputs(folder, test_set, which, matrix, names, plain, logits, extra_lo
     import numpy as np
 
     from src.files import atomic_write
-    from src.plots import plot_confusion, plot_reliability
+    from src.runs.plots import plot_confusion, plot_reliability
 
     header = "true \\ predicted," + ",".join(names) + "\n"
     rows = "".join(f"{name}," + ",".join(map(str, row)) + "\n" for name, row in zip(names, matrix, strict=True))

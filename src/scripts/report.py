@@ -18,7 +18,7 @@ if __name__ == "__main__":
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
-from src.run_table import (  # noqa: E402, F401  (sort_table: public)
+from src.analysis.table import (  # noqa: E402, F401  (sort_table: public)
     as_markdown, as_text, build_table, group_labels, grouped_numbers, grouped_table, sort_table,
 )
 
@@ -101,7 +101,7 @@ def write_outputs(shown, exported, csv, markdown):
 def draw(found, folder, plot, group_seeds):
     from src.analysis import group_seeds as groups_of
     from src.analysis import read_log
-    from src.plots import plot_groups, plot_runs
+    from src.runs.plots import plot_groups, plot_runs
 
     if not group_seeds:
         plot_runs({name: read_log(folder / name) for name in found["run"]}, plot, title=f"Runs in {folder}")

@@ -45,7 +45,7 @@ SWEEP_OPTIONS = {
 
 
 def parse(argv):
-    from src.config import find_config
+    from configs import find_config
 
     parser = OneLineErrorParser(description=__doc__, prog="sweep.py", allow_abbrev=False)
     parser.add_argument("config", help="a registered config name or a .json config")
@@ -100,7 +100,7 @@ def main(argv=None):
     if options.dry_run:
         return 0
     if options.backend == "slurm":
-        from src.sweep_slurm import check_slurm
+        from src.sweep.slurm import check_slurm
 
         check_slurm()
     groups = local_gpu_groups(options) if options.backend == "local" else []
@@ -132,7 +132,7 @@ def launch(options, sweep_dir, runs, family, groups):
     """Run the unfinished points -> ({run folder: None or the failure's one line}, the stopping signal or None)."""
     from src.data import load_dataset
     from src.sweep import TrainingJob, is_finished, make_executor, run_local
-    from src.sweep_slurm import run_slurm, slurm_parameters
+    from src.sweep.slurm import run_slurm, slurm_parameters
 
     expected = {str(path): config for path, _, config in runs}
 
@@ -158,7 +158,7 @@ def summarize(sweep_dir, outcome, stopped_by, grouped=False):
     """Print the run table (then, when the grid has seeds, the same runs with seeds aggregated) and each
     failure's reason -> the exit code: 128 + N after signal N, 1 if a point failed."""
     from src.analysis import load_runs
-    from src.run_table import as_text, build_table, grouped_text
+    from src.analysis.table import as_text, build_table, grouped_text
     from src.sweep import signal_name
 
     table = load_runs(sweep_dir)

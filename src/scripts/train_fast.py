@@ -10,4 +10,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from src.runner import main, train  # noqa: E402, F401  (standard library only, so far; train: for tests)
 
 if __name__ == "__main__":
-    main("configs.fast:fast_configs", __doc__)
+    main("fast", __doc__)
