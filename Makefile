@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ENV := set -a; if [ -f env.sh ]; then . ./env.sh; fi; set +a;
 TRAIN := $(PY) src/scripts/train_simple_CNN.py
 DEMO := scratch/demo
-# The reference models' named configs (README "Models"), one make target each, by their family's runner.
+# The reference models' named configs (README "Models", docs/models.md), one make target each, by their family's runner.
 RESNETS := resnet20 resnet32 resnet44 resnet56 resnet110
 WRNS := wrn_16_4 wrn_16_4_cifar100 wrn_28_10 wrn_28_10_cifar100
 PREACT_RESNETS := preact_resnet18
@@ -30,14 +30,16 @@ test:
 test-fast:
 	$(PY) -m pytest -q -m "not slow" tests
 
+# ruff, then the import graph's contracts in pyproject.toml (layers, no cycles; docs/design.md).
 lint:
 	$(VENV)/bin/ruff check src configs tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .pytest_cache .ruff_cache scratch
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
-# The speed tables of README "Performance" and "Models"; writes scratch/bench.json and scratch/bench_models.json.
+# The speed tables of docs/performance.md and docs/models.md; writes scratch/bench.json and scratch/bench_models.json.
 # Keep the machine otherwise idle.
 bench:
 	$(ENV) $(PY) src/scripts/bench.py
@@ -73,7 +75,7 @@ $(PREACT_RESNETS):
 $(VGGS):
 	$(ENV) $(PY) src/scripts/train_vgg.py $@ $${RESULTS_DIR:-results}/$@
 
-# The speed-record recipe (README "A speed-record recipe"); its test accuracy: evaluate.py SAVE_PATH --tta=flip.
+# The speed-record recipe (docs/models.md, "A speed-record recipe"); its test accuracy: evaluate.py SAVE_PATH --tta=flip.
 $(FASTS):
 	$(ENV) $(PY) src/scripts/train_fast.py $@ $${RESULTS_DIR:-results}/$@
 

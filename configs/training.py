@@ -45,7 +45,7 @@ TRAINING_ROOT = {
     "device": "auto",  # auto (cuda if available) | cpu | cuda
     "precision": "auto",  # auto (bf16 where the hardware has it, fp16 on older CUDA GPUs) | fp32 | bf16 | fp16
     "num_threads": 0,  # CPU threads; 0 = PyTorch's choice ($OMP_NUM_THREADS, else one per core)
-    "compile": False,  # torch.compile the training step (see README, Performance)
+    "compile": False,  # torch.compile the training step (see docs/performance.md)
     "compile_mode": "default",  # torch.compile's mode when compile is on
     # CUDA only: true = deterministic kernels (bit-exact resume), false = cuDNN autotuning (faster); no effect
     # on a CPU, whose runs are bit-exact either way, so false keeps every CPU run (and old folder) as it was.

@@ -28,7 +28,7 @@ TINY = ["--n_layers=2", "--n_filters=4", "--dim_dense=16", "--batch_size=32", "-
 SLOW_FIXTURES = {"data_dir", "train", "train_here", "evaluate_here", "reference_run", "ddp_reference", "results",
                  "finished", "damaged", "saved_run", "small_disk", "legacy_run", "toy_registries"}
 # Modules that are end to end throughout (training, signals, torchrun, sweeps, the benchmark).
-SLOW_MODULES = {"test_training", "test_faults", "test_distributed", "test_sweep", "test_bench",
+SLOW_MODULES = {"test_layout", "test_training", "test_faults", "test_distributed", "test_sweep", "test_bench",
                 "test_run_folder_safety", "test_reporting", "test_seams", "test_slurm"}
 
 
@@ -87,6 +87,22 @@ def run_script(script, *args, data_dir, cwd=REPO, **extra_env):
     """Run a script as a user would (no PYTHONPATH); returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, env=script_env(data_dir, **extra_env), timeout=300)
+
+
+def wait_until_catching(process, signal_number, timeout=120):
+    """Wait until `process` has its own handler for `signal_number` (the kernel's SigCgt mask in /proc), i.e.
+    its script is running and has set its signals; True, or False once it has exited. A fixed sleep in its
+    place fails on a slow or loaded machine, where the interpreter may still be starting when it ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            return process.poll() is None
+        if int(fields["SigCgt"].strip(), 16) >> (signal_number - 1) & 1:
+            return True
+        time.sleep(0.005)
+    return process.poll() is None
 
 
 def start_script(script, *args, data_dir, **extra_env):

@@ -1,4 +1,4 @@
-"""The reference CIFAR models (src/resnets.py, src/vgg.py): their published sizes, the parts the papers
+"""The reference CIFAR models (src/networks/resnet.py, wrn.py, preact_resnet.py, vgg.py): their published sizes, the parts the papers
 specify, their configs' checks, and each family's runner end to end: it learns, resumes exactly (also after
 a kill mid-epoch), and its run is read by load_main_loop, evaluate.py and load_runs.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EVALUATE_SCRIPT, REPO, TINY, TRAIN_SCRIPT, in_process, script_env
+from conftest import EVALUATE_SCRIPT, REPO, TINY, TRAIN_SCRIPT, in_process, script_env, wait_until_catching
 from configs.simple_cnn import MAX_PARAMETERS, simple_cnn_configs, simple_cnn_parameters, validate
 from src.analysis import UnreadableRun, load_main_loop, load_runs
 from src.cli import dispatch_with_overrides
@@ -371,7 +371,8 @@ def test_a_signalled_sweep_stops_its_runs_with_a_checkpoint_then_resumes(data_di
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "report", "sweep"])
 def test_ctrl_c_while_importing_exits_130_quietly(data_dir, tmp_path, script):
-    """SIGINT at several instants of the start-up (imports take 0.1 to 1 s); a process already done is skipped."""
+    """SIGINT at several instants of the start-up (imports take 0.1 to 1 s), counted from when the script has set
+    its signals (before that, the interpreter itself is starting); a process already done is skipped."""
     arguments = {"train": [TRAIN_SCRIPT, "cifar10", tmp_path / "run", *TINY],
                  "evaluate": [EVALUATE_SCRIPT, tmp_path / "run"],
                  "report": [REPORT_SCRIPT, tmp_path],
@@ -380,6 +381,7 @@ def test_ctrl_c_while_importing_exits_130_quietly(data_dir, tmp_path, script):
     for delay in (0.05, 0.1, 0.2, 0.3):
         process = subprocess.Popen([sys.executable, *map(str, arguments)], cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=script_env(data_dir))
+        wait_until_catching(process, signal.SIGTERM)  # each script hands SIGINT and SIGTERM over at once
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)

@@ -226,7 +226,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     from configs.simple_cnn import simple_cnn_configs
     from src.datasets.writer import write_cifar
     from src.training.hardware import choose_device, choose_precision, kernel_settings
-    from src.bench import epoch_costs
+    from src.bench.epoch_costs import measure as measure_epoch_costs, print_table as print_epoch_costs
 
     # The default config; the validation share of the training images is kept at its 5,000 of 50,000.
     config = {**simple_cnn_configs.get("cifar10"), "valid_size": n_images // 10}
@@ -250,7 +250,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
             modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:1] if compile_too else ()
         compiled = {mode: measure_compile(bench, mode) for mode in modes} or None
         only = set(epoch_costs_of.split(",")) if epoch_costs_of else None
-        epoch_costs = epoch_costs.measure(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
+        epoch_costs = measure_epoch_costs(bench, only, repeats, steps=steps if device.type == "cuda" else 2)
 
     result = {name: median(values) for name, values in rounds.items() if name != "end_to_end"}
     result["end_to_end_epoch"] = median([v["epoch"] for v in rounds["end_to_end"]])
@@ -272,7 +272,7 @@ def main(*, n_images=50000, repeats=3, steps=20, out=RESULT_FILE, compile_too=Fa
     if device.type == "cuda":
         environment["gpu"] = torch.cuda.get_device_name(device)
     print_table(result, environment, compiled)
-    epoch_costs.print_table(epoch_costs, result["loop_fixed_seconds"], result["loop_fixed_share"])
+    print_epoch_costs(epoch_costs, result["loop_fixed_seconds"], result["loop_fixed_share"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"medians": result, "rounds": rounds, "environment": environment,
                                      "compile": compiled, "epoch_costs": epoch_costs}, indent=2) + "\n")

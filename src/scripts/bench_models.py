@@ -6,7 +6,7 @@ Parameters and MACs are counted by torch (`torch.utils.flop_counter`: convolutio
 speed is the bare training step (forward, backward, optimizer; the main loop's own `train_step`, model and
 optimizer built as the main loop builds them) on random uint8 batches, after one warm-up step, at the
 precision `auto` picks; an epoch of 45,000 images is that rate's time, so the loop's small overhead
-(README, Performance) comes on top.
+(docs/performance.md) comes on top.
 """
 import sys
 import time
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
 
 if __name__ == "__main__":
-    exit_at_once_on("SIGINT")
+    exit_at_once_on("SIGINT", "SIGTERM")
 
 from src.bench.timing import CONFIGS, synchronize  # noqa: E402
 from src.cli import dispatch, exit_codes  # noqa: E402

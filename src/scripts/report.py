@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
 
 if __name__ == "__main__":
-    exit_at_once_on("SIGINT")
+    exit_at_once_on("SIGINT", "SIGTERM")
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402

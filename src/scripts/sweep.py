@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)  # run from anywhere, no PYTHONPATH
 from src.signals import exit_at_once_on  # noqa: E402  (os and signal only: in place before the slow imports)
 
 if __name__ == "__main__":
-    exit_at_once_on("SIGINT")
+    exit_at_once_on("SIGINT", "SIGTERM")
 
 os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 # submitit's job processes unpickle src.sweep.TrainingJob: they need the repository on their path too.

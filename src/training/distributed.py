@@ -64,7 +64,7 @@ class TorchrunProcess:
         missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
             raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} not: start "
-                             "several processes with torchrun (see README), or unset WORLD_SIZE")
+                             "several processes with torchrun (see docs/cluster.md), or unset WORLD_SIZE")
         try:
             dist.init_process_group(backend)
         except (ValueError, RuntimeError) as e:
