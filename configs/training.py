@@ -184,7 +184,8 @@ def dropout_problems(config):
 def family_registry(model, family_problems, keys, runner=None):
     """A model family's registry, registered: its root is `{"model": model, **keys, **TRAINING_ROOT}` (the
     family's keys first), its check the shared keys' problems, then `model`'s, then the family's own
-    `family_problems(config)` (a list of lines); its runner `src/scripts/train_<model>.py` unless `runner` names another."""
+    `family_problems(config)` (a list of lines); its runner `src/scripts/train_<model>.py` unless `runner`
+    names another."""
     def problems(config):
         return training_problems(config) + model_problems(config, model) + family_problems(config)
 

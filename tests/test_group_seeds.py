@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 from src.analysis import group_seeds
-from src.analysis.table import as_markdown, as_text, build_table, group_labels, grouped_numbers, grouped_table, grouped_text
+from src.analysis.table import (
+    as_markdown, as_text, build_table, group_labels, grouped_numbers, grouped_table, grouped_text,
+)
 
 
 def run_row(run, lr, seed, best, last, hours=0.5, state="finished", test=None, milestones=(10, 20)):

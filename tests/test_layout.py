@@ -121,7 +121,8 @@ def test_a_family_added_as_docs_extending_says_trains_resumes_and_is_read_back(t
         (root / path).write_text(code)
     runner = (REPO / "src/scripts/train_simple_CNN.py").read_text()
     assert runner.count('main("simple_cnn", __doc__)') == 1
-    (root / "src/scripts/train_mlp.py").write_text(runner.replace('main("simple_cnn", __doc__)', 'main("mlp", __doc__)'))
+    runner = runner.replace('main("simple_cnn", __doc__)', 'main("mlp", __doc__)')
+    (root / "src/scripts/train_mlp.py").write_text(runner)
     with open(root / "configs/__init__.py", "a") as f:
         f.write(line + "\n")
     run = tmp_path / "run"
@@ -138,3 +139,30 @@ def test_a_family_added_as_docs_extending_says_trains_resumes_and_is_read_back(t
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert read.returncode == 0 and read.stdout.split() == ["mlp", "Linear", "2", "True", "finished"], read.stderr
     assert lint_imports(root).returncode == 0
+
+
+def test_a_sweep_job_pickled_before_the_move_unpickles_to_today_s_class():
+    """submitit unpickles a job queued on Slurm by the module path it was pickled under: src.sweep.TrainingJob."""
+    import pickle
+
+    from src.sweep import TrainingJob
+
+    job = TrainingJob("cifar10", "results/x", ["--lr=0.1"])
+    old = pickle.dumps(job, protocol=0).replace(b"csrc.sweep.jobs\nTrainingJob\n", b"csrc.sweep\nTrainingJob\n")
+    assert b"src.sweep.jobs" not in old
+    loaded = pickle.loads(old)
+    assert type(loaded) is TrainingJob and loaded.command()[2:] == ["cifar10", "results/x", "--lr=0.1"]
+
+
+def test_what_notebooks_import_stays_where_it_was():
+    """The names notebooks and etc/analysis_example.py import, from the modules they imported them from."""
+    from src.analysis import (  # noqa: F401
+        UnreadableRun, group_seeds, load_main_loop, load_runs, read_config, read_log, summarize_run,
+    )
+    from src.data import (  # noqa: F401
+        CIFAR10_CLASSES, DATASETS, Dataset, channel_mean_std, get_cifar, load_cifar, register_dataset,
+        split_train_valid,
+    )
+    from src.models import MODELS, Standardize, build_model, build_simple_cnn, find_standardize  # noqa: F401
+
+    assert {"simple_cnn", "resnet", "wrn", "preact_resnet", "vgg", "fast"} <= set(MODELS)

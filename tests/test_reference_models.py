@@ -1,6 +1,6 @@
-"""The reference CIFAR models (src/networks/resnet.py, wrn.py, preact_resnet.py, vgg.py): their published sizes, the parts the papers
-specify, their configs' checks, and each family's runner end to end: it learns, resumes exactly (also after
-a kill mid-epoch), and its run is read by load_main_loop, evaluate.py and load_runs.
+"""The reference CIFAR models (src/networks/resnet.py, wrn.py, preact_resnet.py, vgg.py): their published sizes,
+the parts the papers specify, their configs' checks, and each family's runner end to end: it learns, resumes
+exactly (also after a kill mid-epoch), and its run is read by load_main_loop, evaluate.py and load_runs.
 
 The published-size models are built only in the parameter counts; the runs train tiny ones of each family
 (same code path, a few channels)."""

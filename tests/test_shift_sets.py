@@ -16,7 +16,9 @@ from src.datasets import download
 from src.datasets import shift_sets
 from src.errors import RunError
 from src.files import TMP_PREFIX
-from src.datasets.shift_sets import CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_ARCHIVE, CORRUPTIONS, Cifar10C, load_cifar10_1
+from src.datasets.shift_sets import (
+    CIFAR10_1_DATA, CIFAR10_1_LABELS, CIFAR10C_ARCHIVE, CORRUPTIONS, Cifar10C, load_cifar10_1,
+)
 
 
 def test_the_corruptions_are_the_papers_15_and_4_held_out():

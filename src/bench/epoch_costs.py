@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from src.bench.timing import CONFIGS, timed
+from src.runs.names import BEST_MODEL, CURVES
 
 # A CPU validates the big models at a few images/s (WRN-28-10: about 15): time one slice once, scale it up.
 CPU_VALIDATION_IMAGES = 128
@@ -41,7 +42,7 @@ def shared_parts(folder, repeats):
     cpu = torch.device("cpu")  # host work only: nothing to wait for on a device
     tensorboard = timed(lambda: monitors.epoch(log), cpu, repeats)
     monitors.close()
-    drawing = timed(lambda: plot_curves(pd.DataFrame(log), folder / "curves.png", "bench"), cpu, repeats)
+    drawing = timed(lambda: plot_curves(pd.DataFrame(log), folder / CURVES, "bench"), cpu, repeats)
     return tensorboard, drawing
 
 
@@ -77,7 +78,7 @@ def model_parts(config, bench, batch, steps, repeats, folder):
     run_folder, status = RunFolder(folder), {"epochs_done": LOG_ROWS, "finished": False}
     checkpoint = timed(lambda: (save_tensors(state, folder / "checkpoint_1.pt", checksum=True),
                                 run_folder.write_progress(state["progress"]["log"], status)), device, repeats)
-    best = timed(lambda: save_tensors(model.state_dict(), folder / "best_model.pt"), device, repeats)
+    best = timed(lambda: save_tensors(model.state_dict(), folder / BEST_MODEL), device, repeats)
     return {"training_epoch": 45000 / batch * step, "validation": validation, "best_model": best,
             "checkpoint": checkpoint}
 

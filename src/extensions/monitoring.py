@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 
-CURVES = "curves.png"
-TENSORBOARD = "tensorboard"
+from src.runs.names import CURVES, TENSORBOARD
+
 EPOCH_SCALARS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "ema_valid_loss", "ema_valid_acc", "lr",
                  "images_per_second", "epoch_seconds")
 

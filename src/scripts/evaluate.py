@@ -19,8 +19,9 @@ if __name__ == "__main__":
 
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.errors import RunError, UsageError  # noqa: E402
+from src.runs.names import eval_file, model_file  # noqa: E402
 
-RESULT_FILE = "eval_test.json"  # with --test_set=NAME: eval_NAME.json
+RESULT_FILE = eval_file("test")  # with --test_set=NAME: eval_NAME.json
 
 
 @exit_codes
@@ -61,7 +62,7 @@ def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, tes
             result.update(evaluate_model(model, which, x, y, names, test_set, ttas, target, Path(save_path)))
     from src.files import write_json
 
-    out = Path(save_path) / f"eval_{test_set}.json"
+    out = Path(save_path) / eval_file(test_set)
     write_json(out, result)
     print(f"saved {out}" + ("" if test_set == "cifar10c" else f" and confusion_, reliability_, predictions_"
                                                                f"{test_set}_*"))
@@ -163,10 +164,11 @@ def save_outputs(folder, test_set, which, matrix, names, plain, logits, extra_lo
 
     header = "true \\ predicted," + ",".join(names) + "\n"
     rows = "".join(f"{name}," + ",".join(map(str, row)) + "\n" for name, row in zip(names, matrix, strict=True))
-    atomic_write(folder / f"confusion_{test_set}_{which}.csv", lambda f: f.write((header + rows).encode()))
-    plot_confusion(matrix, names, folder / f"confusion_{test_set}_{which}.png",
+    table = header + rows
+    atomic_write(folder / model_file("confusion", test_set, which, ".csv"), lambda f: f.write(table.encode()))
+    plot_confusion(matrix, names, folder / model_file("confusion", test_set, which, ".png"),
                    title=f"{folder.name}: {test_set} confusion, {which} model")
-    plot_reliability(plain["reliability"], folder / f"reliability_{test_set}_{which}.png",
+    plot_reliability(plain["reliability"], folder / model_file("reliability", test_set, which, ".png"),
                      title=f"{folder.name}: {which} model on {test_set}\naccuracy {plain['acc']:.4f}, "
                            f"ECE {plain['ece']:.4f} (15 bins)")
     # float16 keeps logits to 3 significant digits, which every score here survives, at half the size
@@ -174,7 +176,8 @@ def save_outputs(folder, test_set, which, matrix, names, plain, logits, extra_lo
               "indices": np.arange(len(labels), dtype=np.int64), "class_names": np.array(names)}
     arrays.update({f"logits_{mode.replace('+', '_')}": z.numpy().astype(np.float16)
                    for mode, z in extra_logits.items()})
-    atomic_write(folder / f"predictions_{test_set}_{which}.npz", lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(folder / model_file("predictions", test_set, which, ".npz"),
+                 lambda f: np.savez_compressed(f, **arrays))
 
 
 if __name__ == "__main__":
