@@ -93,7 +93,7 @@ def test_every_path_and_make_target_a_page_names_exists(page):
     assert not named - targets, f"{page.name} names make targets the Makefile lacks: {sorted(named - targets)}"
 
 
-def test_a_page_that_names_a_missing_path_fails_the_check(tmp_path):
+def test_a_page_that_names_a_missing_path_fails_the_check():
     assert "src/nowhere.py" in named_paths("see `src/nowhere.py` and src/data.py.")
     assert "src/data.py" in named_paths("see src/data.py.")
 

@@ -31,11 +31,7 @@ def timed(run, device, repeats):
 
 def time_images(run, n_images, device):
     """Images per second of `run()` (which processes `n_images`), device work included."""
-    synchronize(device)
-    started = time.perf_counter()
-    run()
-    synchronize(device)
-    return n_images / (time.perf_counter() - started)
+    return n_images / timed(run, device, 1)
 
 
 def median(values):
