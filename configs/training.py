@@ -43,7 +43,9 @@ TRAINING_ROOT = {
     "n_examples": -1,  # how many of the rest to train on; -1 = all
     "seed": 1,
     "device": "auto",  # auto (cuda if available) | cpu | cuda
-    "precision": "auto",  # auto (bf16 where the hardware has it, fp16 on older CUDA GPUs) | fp32 | bf16 | fp16
+    # auto = the fastest measured here (src.training.kernels; a resumed run keeps its own) | fp32 | bf16 | fp16
+    "precision": "auto",
+    "memory_format": "auto",  # auto (as precision) | channels_last | contiguous (NCHW)
     "num_threads": 0,  # CPU threads; 0 = PyTorch's choice ($OMP_NUM_THREADS, else one per core)
     "compile": False,  # torch.compile the training step (see docs/performance.md)
     "compile_mode": "default",  # torch.compile's mode when compile is on
@@ -63,6 +65,7 @@ TRAINING_ROOT = {
 MAX_PARAMETERS = 2 * 10**9
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
+                 "memory_format": ("auto", "channels_last", "contiguous"),
                  "compile_mode": COMPILE_MODES,
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
 AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.datasets.stream's words

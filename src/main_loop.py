@@ -32,13 +32,16 @@ import torch
 from ignite.engine import Engine, Events
 
 from src.training import distributed
-from src.runs.checkpoints import save_tensors
+from src.runs.checkpoints import CorruptCheckpoint, load_newest, save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
 from configs import family
 from src.errors import RunError, UsageError
 from src.evaluation import validation_columns
 from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
-from src.training.hardware import choose_device, choose_precision, grad_scaler, kernel_settings
+from src.training.hardware import check_precision, choose_device, grad_scaler, kernel_settings
+from src.training.kernels import (
+    TORCH_FORMATS, TRIAL_BATCHES, CheckpointedKernels, choose_kernels, sessions_in_checkpoint, time_candidates,
+)
 from src.networks.size import model_size
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
@@ -155,7 +158,7 @@ def run_main_loop(config, save_path, build_model=None):
             if config["num_threads"]:
                 torch.set_num_threads(config["num_threads"])
             device = choose_device(ranks.device_name(config["device"]))
-            precision = choose_precision(config["precision"], device)
+            check_precision(config["precision"], device)  # one the device cannot run: refused before any work
             cleanup.enter_context(kernel_settings(device, config["deterministic"]))
             if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
                 ranks.on_main(lambda: decode_data_once(config))
@@ -167,13 +170,19 @@ def run_main_loop(config, save_path, build_model=None):
             if stream.batch_size % ranks.world_size:
                 raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
                                  f"{ranks.world_size} processes: change --batch_size")
-            model, optimizer = build_training_model(config, build_model, stream, device, precision)
+            model = build_training_model(config, build_model, stream, device)
+            kernels = ranks.on_main(lambda: choose_run_kernels(config, folder, model, stream, device))
+            optimizer = build_optimizer(config, parameter_groups(set_memory_format(model, kernels.memory_format),
+                                                                 config))
             if ranks.is_main:
                 with disk_errors_stop_training(folder.path):
                     folder.save_config(config)
-                    folder.record_session(device, precision, ranks.world_size, model_size(model, valid[0].shape[1:]))
+                    folder.record_session(device, kernels.record(), ranks.world_size,
+                                          model_size(model, valid[0].shape[1:]))
+                if kernels.trial:
+                    print(kernels.describe(), flush=True)
             # No name holds the loop (nor its DDP wrapper): ranks.close() collects it before tearing the group down.
-            code = MainLoop(config, folder, model, optimizer, stream, valid, device, precision, stops, ranks).run()
+            code = MainLoop(config, folder, model, optimizer, stream, valid, device, kernels, stops, ranks).run()
             failed = False
             return code
     except distributed.RankZeroFailed as e:  # rank 0 printed the reason; leave with its code, silently
@@ -197,21 +206,49 @@ def open_run_folder(folder, config, cleanup):
     return None
 
 
-def build_training_model(config, build_model, stream, device, precision):
-    """The model with its input statistics, on the device, in the fastest memory format; and its optimizer."""
+def build_training_model(config, build_model, stream, device):
+    """The model with its input statistics, on the device, in the contiguous (NCHW) format: the run's kernels
+    (`choose_run_kernels`) set the format it trains in, then the optimizer is built on it."""
     torch.manual_seed(derive_seed(config["seed"], SEED_INIT))  # the initial weights
-    channels_last = device.type == "cuda" or precision == "bf16"
     try:
         model = build_model(config)
-        standardize = find_standardize(model)
-        standardize.set_statistics(stream.mean, stream.std)
-        standardize.channels_last = channels_last
+        find_standardize(model).set_statistics(stream.mean, stream.std)
         if hasattr(model, "init_from_data"):  # e.g. src/fast.py's whitening: training images only, deterministic
             model.init_from_data(stream.images)
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        model.to(device)
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise RunError(f"the model does not fit in memory ({str(e).splitlines()[0][:150]}); make it smaller") from None
+    return model
+
+
+def training_model(config, build_model, stream, device, memory_format):
+    """The model as the main loop trains it in `memory_format`, and its optimizer (for the bench and tests)."""
+    model = set_memory_format(build_training_model(config, build_model, stream, device), memory_format)
     return model, build_optimizer(config, parameter_groups(model, config))
+
+
+def set_memory_format(model, memory_format):
+    """`model` (and the images its Standardize brick hands on) in `memory_format`: channels_last | contiguous."""
+    find_standardize(model).channels_last = memory_format == "channels_last"
+    return model.to(memory_format=TORCH_FORMATS[memory_format])
+
+
+def choose_run_kernels(config, folder, model, stream, device):
+    """Rank 0: the precision and memory format of this run (src.training.kernels): the config's, a resumed
+    run's own, or the fastest of a timing trial on copies of `model`, which is left as it was."""
+    sessions = None
+    if folder.has_checkpoints():  # resuming: its own choice, from meta.json or, where that lost it, the checkpoint
+        sessions = folder.read_sessions()
+        if not any("precision" in session for session in sessions):
+            with contextlib.suppress(CorruptCheckpoint):  # said, and set aside, when the loop loads it
+                found = load_newest(folder.checkpoints, warn=lambda line: None)
+                sessions = sessions_in_checkpoint(found[1]) if found else []
+
+    def trial(pairs):
+        batches = [batch for _, batch in zip(range(TRIAL_BATCHES), stream.epoch(1), strict=False)]
+        return time_candidates(pairs, model, set_memory_format, config, batches, device, len(stream))
+
+    return choose_kernels(config, device, sessions, config["n_epochs"] * len(stream), trial)
 
 
 def data_parallel(model, device, ranks):
@@ -234,9 +271,10 @@ def say_finished(save_path, epochs_done):
 
 
 class MainLoop:
-    def __init__(self, config, folder, model, optimizer, stream, valid, device, precision, stops, ranks):
+    def __init__(self, config, folder, model, optimizer, stream, valid, device, kernels, stops, ranks):
         self.config, self.folder, self.model, self.optimizer = config, folder, model, optimizer
-        self.stream, self.valid, self.device, self.precision, self.stops = stream, valid, device, precision, stops
+        self.stream, self.valid, self.device, self.stops = stream, valid, device, stops
+        self.precision = kernels.precision
         self.ranks = ranks
         # The wrappers share their parameters with `model`, which checkpoints and evaluation use.
         self.forward = data_parallel(model, device, ranks)
@@ -245,7 +283,9 @@ class MainLoop:
         self.trainer = Engine(self.step)
         self.progress = Progress(device, ranks.rank, ranks.world_size)
         self.checkpoint = Checkpoint(self)
-        self.scaler = grad_scaler(device, precision)  # fp16 only; its skipped steps resume exactly
+        self.kernels = CheckpointedKernels(kernels, device)
+        self.checkpoint.register("kernels", self.kernels)
+        self.scaler = grad_scaler(device, self.precision)  # fp16 only; its skipped steps resume exactly
         if self.scaler is not None:
             self.checkpoint.register("scaler", self.scaler)
         self.recipe = Recipe.from_config(config)
@@ -282,6 +322,9 @@ class MainLoop:
 
     def run(self):
         self.checkpoint.resume(len(self.stream))
+        if self.kernels.changed():
+            self.say(f"warning: the checkpoint was computed in other kernels ({self.kernels.changed()}); the run "
+                     "goes on, but will not match an uninterrupted run bit for bit")
         if self.finished():
             return say_finished(self.folder.path, len(self.progress.log))
         if self.ema:

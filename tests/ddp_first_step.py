@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: E402
 from configs.simple_cnn import simple_cnn_configs  # noqa: E402
 from src.training import distributed  # noqa: E402
 from src.data import get_cifar  # noqa: E402
-from src.main_loop import build_training_model, data_parallel  # noqa: E402
+from src.main_loop import data_parallel, training_model  # noqa: E402
 from src.models import build_simple_cnn  # noqa: E402
 
 ranks = distributed.from_environment()
@@ -21,7 +21,7 @@ config = {**simple_cnn_configs.get("cifar10"), "n_layers": 2, "n_filters": 4, "d
 device = torch.device("cpu")
 stream, _ = get_cifar("cifar10", True, config["batch_size"], config["seed"], device, config["valid_size"],
                       shard=(ranks.rank, ranks.world_size))
-model, _ = build_training_model(config, build_simple_cnn, stream, device, "fp32")
+model, _ = training_model(config, build_simple_cnn, stream, device, "contiguous")
 images, labels = next(stream.epoch(1))
 forward = data_parallel(model, device, ranks)  # kept alive: its hooks average the gradients in backward()
 F.cross_entropy(forward(images).float(), labels).backward()

@@ -47,20 +47,29 @@ def legacy_run(tmp_path, legacy_data, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference_here(legacy_data, tmp_path_factory):
-    """The run LEGACY records, trained afresh on this machine by the code of LEGACY_COMMIT (its tree taken
-    from git history into a temporary folder): the reference for bit-identity on whatever CPU runs the tests."""
+def old_code(tmp_path_factory):
+    """The tree of LEGACY_COMMIT (src and configs), taken from git history into a temporary folder."""
     old_tree = tmp_path_factory.mktemp(f"code_{LEGACY_COMMIT}")
     archive = subprocess.run(["git", "archive", "--format=tar", LEGACY_COMMIT, "src", "configs"], cwd=REPO,
                              capture_output=True, timeout=120)
     assert archive.returncode == 0, f"commit {LEGACY_COMMIT} is needed from git history: {archive.stderr[-300:]!r}"
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(old_tree, filter="data")
-    run = tmp_path_factory.mktemp("reference") / "run"
-    result = run_script(old_tree / "src" / "scripts" / "train_simple_CNN.py", "cifar10", run, *LEGACY_ARGS,
-                        data_dir=legacy_data, cwd=old_tree)
+    return old_tree
+
+
+def train_old(old_code, run, *args, data_dir):
+    result = run_script(old_code / "src" / "scripts" / "train_simple_CNN.py", "cifar10", run, *args,
+                        data_dir=data_dir, cwd=old_code)
     assert result.returncode == 0, result.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def reference_here(old_code, legacy_data, tmp_path_factory):
+    """The run LEGACY records, trained afresh on this machine by the code of LEGACY_COMMIT: the reference for
+    bit-identity on whatever CPU runs the tests."""
+    return train_old(old_code, tmp_path_factory.mktemp("reference") / "run", *LEGACY_ARGS, data_dir=legacy_data)
 
 
 def rows(log_text):
@@ -100,6 +109,23 @@ def test_the_default_path_is_bit_identical_to_the_code_before_the_seams(referenc
     for a, b in zip(old["optimizer"]["state"].values(), new["optimizer"]["state"].values(), strict=True):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert rows((fresh / "log.jsonl").read_text()) == rows((reference_here / "log.jsonl").read_text())
+
+
+def test_an_old_folder_resumes_in_the_memory_format_it_was_trained_in(old_code, legacy_data, tmp_path):
+    """The old code trained bf16 in channels_last (fp32 in NCHW on a CPU): a bf16 folder it started, resumed by
+    this code, goes on in channels_last and ends bit for bit as the old code's uninterrupted run."""
+    args = [*LEGACY_ARGS, "--precision=bf16", "--lr_schedule=constant"]  # constant: n_epochs may grow exactly
+    whole = train_old(old_code, tmp_path / "old_whole", *args, data_dir=legacy_data)
+    resumed = train_old(old_code, tmp_path / "old_then_new", *args, "--n_epochs=1", data_dir=legacy_data)
+    result = run_script(TRAIN_SCRIPT, "cifar10", resumed, *args, data_dir=legacy_data)
+    assert result.returncode == 0, result.stderr
+    session = json.loads((resumed / "meta.json").read_text())["sessions"][-1]
+    assert (session["precision"], session["memory_format"], session["kernels_chosen_by"]) == (
+        "bf16", "channels_last", "recorded")
+    old, new = (load_tensors(list_checkpoints(run / "checkpoints")[0]) for run in (whole, resumed))
+    for key in old["model"]:
+        assert torch.equal(old["model"][key], new["model"][key]), key
+    assert rows((resumed / "log.jsonl").read_text()) == rows((whole / "log.jsonl").read_text())
 
 
 def test_the_committed_old_folder_is_what_that_code_writes_apart_from_the_cpu_s_rounding(reference_here):

@@ -52,13 +52,13 @@ def model_parts(config, bench, batch, steps, repeats, folder):
 
     from src.runs.checkpoints import save_tensors
     from src.evaluation import validation_columns
-    from src.main_loop import build_training_model
+    from src.main_loop import training_model
     from src.models import build_model
     from src.training.recipe import train_step
     from src.runs.folder import RunFolder
 
     device, precision = bench.device, bench.precision
-    model, optimizer = build_training_model(config, build_model, bench.stream, device, precision)
+    model, optimizer = training_model(config, build_model, bench.stream, device, bench.memory_format)
     images, labels = bench.batches[0]
     reps = -(-batch // len(labels))
     batch_of = (images.repeat(reps, 1, 1, 1)[:batch], labels.repeat(reps)[:batch])

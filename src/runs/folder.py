@@ -140,8 +140,9 @@ class RunFolder:
         atomic_write(self.path / LOG, lambda f: f.write(text.encode()))
         write_json(self.path / STATUS, status)
 
-    def record_session(self, device, precision, world_size=1, size=None):
-        """Append this session (command, commit, host, versions, device; the model's `size`, from
+    def record_session(self, device, kernels, world_size=1, size=None):
+        """Append this session (command, commit, host, versions, device; `kernels`, the precision and memory
+        format with how they were chosen, from `src.training.kernels.Kernels.record`; the model's `size`, from
         `src.networks.size.model_size`: parameters and MACs per image) to meta.json."""
         import ignite
         import torch
@@ -155,7 +156,7 @@ class RunFolder:
             "ignite": ignite.__version__,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "precision": precision,
+            **kernels,
             "threads": torch.get_num_threads(),
             "processes": world_size,
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -163,6 +164,7 @@ class RunFolder:
             **(size or {}),
         }
         previous = self.read_sessions()
+        precision = kernels["precision"]
         last = (previous[-1].get("device"), previous[-1].get("precision")) if previous else None
         if last and last != (session["device"], precision):
             print(f"warning: this run was on {last[0]} ({last[1]}) and goes on "

@@ -1,6 +1,8 @@
 """Which device, number format and kernels a run uses: the fastest that keep accuracy, unless the config says.
 
-Precision: `bf16` autocast where the hardware computes bf16 natively (AVX-512 BF16/AMX CPUs, Ampere+
+`precision=auto` and `memory_format=auto` are settled by timing the candidates (src.training.kernels); the
+rule here is what `auto` falls back to where no trial runs (a short run, a folder from older code).
+Precision rule: `bf16` autocast where the hardware computes bf16 natively (AVX-512 BF16/AMX CPUs, Ampere+
 GPUs); `fp16` autocast with a gradient scaler (torch.amp.GradScaler) on CUDA GPUs without bf16 (V100,
 T4, P100, RTX 20xx), where fp16 has the tensor cores; else `fp32`. Kernels: on CUDA, `deterministic`
 decides between cuDNN's autotuner (fast, not bit-reproducible) and deterministic algorithms.
@@ -27,13 +29,17 @@ def choose_device(name):
     return torch.device(name)
 
 
-def cpu_has_native_bf16():
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split()}
-    return bool(flags & BF16_CPU_FLAGS)
+        return set()
+    return {word for line in text.splitlines() if line.startswith("flags") for word in line.split()}
+
+
+def cpu_has_native_bf16():
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def cuda_has_bf16(device):
@@ -53,6 +59,12 @@ def choose_precision(name, device):
     if name != "fp32":
         check_precision_runs(name, device)
     return name
+
+
+def check_precision(name, device):
+    """An explicit precision the device cannot run is a one-line RunError (auto and fp32 always run)."""
+    if name not in ("auto", "fp32"):
+        check_precision_runs(name, device)
 
 
 def check_precision_runs(precision, device):
