@@ -12,7 +12,7 @@ PREACT_RESNETS := preact_resnet18
 VGGS := vgg11_bn vgg16_bn
 FASTS := fast airbench94
 
-.PHONY: install test test-fast lint clean demo bench report simple_cnn_cifar10 simple_cnn_cifar100 \
+.PHONY: install test test-fast lint clean demo bench bench-epoch report simple_cnn_cifar10 simple_cnn_cifar100 \
 	sweep_lr_width_local sweep_lr_width_slurm $(RESNETS) $(WRNS) $(PREACT_RESNETS) $(VGGS) $(FASTS) sweep_resnets
 
 install:
@@ -44,6 +44,11 @@ clean:
 bench:
 	$(ENV) $(PY) src/scripts/bench.py
 	$(ENV) $(PY) src/scripts/bench_models.py
+
+# The outside check of docs/performance.md: one steady epoch of the runner, timed from outside (whole processes),
+# against the fastest bare step; writes scratch/bench_epoch.json (about 12 minutes on a 2-core AVX2 CPU).
+bench-epoch:
+	$(ENV) $(PY) src/scripts/bench_epoch.py
 
 # The table of every run under $RESULTS_DIR.
 report:

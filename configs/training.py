@@ -9,7 +9,7 @@ from pathlib import Path
 from src.config import ConfigRegistry, register_family
 from src.data import dataset_entry, dataset_names, training_set_size
 from src.datasets import stream
-from src.training import optim
+from src.training import kernels, optim
 
 RUNNERS = Path(__file__).resolve().parents[1] / "src" / "scripts"  # a family's runner: train_<family>.py here
 
@@ -65,7 +65,7 @@ TRAINING_ROOT = {
 MAX_PARAMETERS = 2 * 10**9
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
-                 "memory_format": ("auto", "channels_last", "contiguous"),
+                 "memory_format": kernels.MEMORY_FORMATS,
                  "compile_mode": COMPILE_MODES,
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
 AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.datasets.stream's words

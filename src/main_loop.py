@@ -36,7 +36,7 @@ from src.runs.checkpoints import CorruptCheckpoint, load_newest, save_tensors
 from src.data import derive_seed, get_dataset, load_dataset
 from configs import family
 from src.errors import RunError, UsageError
-from src.evaluation import validation_columns
+from src.evaluation import evaluation_batch, validation_columns
 from src.extensions import EMA, Checkpoint, StopOnSignal, disk_errors_stop_training
 from src.training.hardware import check_precision, choose_device, grad_scaler, kernel_settings
 from src.training.kernels import (
@@ -401,7 +401,7 @@ class MainLoop:
         columns = {}
         for model, prefix in validate:
             columns.update(validation_columns(model, *valid, self.device, self.precision,
-                                              4 * self.config["batch_size"], prefix))
+                                              evaluation_batch(self.device, self.config["batch_size"]), prefix))
         row = {"epoch": len(p.log) + 1, "iteration": engine.state.iteration, "train_loss": loss_sum / count,
                "train_acc": correct / count, **columns, "lr": self.optimizer.param_groups[0]["lr"],
                "epoch_seconds": train_seconds + time.perf_counter() - valid_started,

@@ -57,3 +57,17 @@ def test_bench_models_counts_parameters_and_macs_and_times_the_step(tmp_path, da
     (row,) = json.loads(out.read_text())["models"]
     assert (row["config"], row["parameters"]) == ("resnet20", 269_722)  # He et al.'s count
     assert 40e6 < row["macs"] < 41e6 and row["images_per_second"] > 0
+
+
+def test_bench_epoch_times_a_steady_epoch_from_outside_against_every_bare_variant(tmp_path):
+    out = tmp_path / "epoch.json"
+    result = run_script(REPO / "src" / "scripts" / "bench_epoch.py", "--repeats", "1", "--n-images", "1000",
+                        "--steps", "2", "--out", out, data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["environment"]["cpu_capability"] and saved["epoch_seconds"] > 0
+    assert saved["fastest"] in saved["bare"] and "fp32 channels_last" in saved["bare"]
+    assert saved["loop_kernels"] in saved["bare"] and saved["chosen_by"] in ("trial", "rule")
+    share = saved["epoch_images"] / saved["bare"][saved["fastest"]] / saved["epoch_seconds"]
+    assert abs(saved["share_of_fastest_bare_step"] - share) < 1e-9
+    assert "of the fastest bare step" in result.stdout.splitlines()[-1]

@@ -51,7 +51,7 @@ def model_parts(config, bench, batch, steps, repeats, folder):
     import torch
 
     from src.runs.checkpoints import save_tensors
-    from src.evaluation import validation_columns
+    from src.evaluation import evaluation_batch, validation_columns
     from src.main_loop import training_model
     from src.models import build_model
     from src.training.recipe import train_step
@@ -68,8 +68,9 @@ def model_parts(config, bench, batch, steps, repeats, folder):
     valid_images, valid_labels = bench.valid
     cuda = device.type == "cuda"
     n = len(valid_labels) if cuda else min(len(valid_labels), CPU_VALIDATION_IMAGES)
+    batch_of_valid = evaluation_batch(device, config["batch_size"])  # as the main loop validates
     validation = timed(lambda: validation_columns(model, valid_images[:n], valid_labels[:n], device, precision,
-                                                  4 * config["batch_size"]), device, repeats if cuda else 1)
+                                                  batch_of_valid), device, repeats if cuda else 1)
     validation *= len(valid_labels) / n
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "trainer": {"iteration": 1, "epoch_length": 1, "max_epochs": 1},

@@ -20,9 +20,9 @@ os.environ.setdefault("PYTORCH_JIT", "0")  # as train_simple_CNN.py does
 from src.bench.timing import cpu_name, median, synchronize, time_images  # noqa: E402
 from src.cli import dispatch, exit_codes  # noqa: E402
 from src.extensions import EMA  # noqa: E402
-from src.main_loop import build_training_model, set_memory_format, train_step, training_model  # noqa: E402
+from src.bench.variants import Variant, all_variants  # noqa: E402
+from src.main_loop import build_training_model, set_memory_format, train_step  # noqa: E402
 from src.models import build_model  # noqa: E402
-from src.training.hardware import grad_scaler  # noqa: E402
 from src.training.kernels import TRIAL_BATCHES, candidate_name, candidates, fastest, time_candidates  # noqa: E402
 from src.training.recipe import PLAIN, Recipe  # noqa: E402
 
@@ -35,24 +35,6 @@ SCRATCH = "scratch"
 RESULT_FILE = "scratch/bench.json"
 
 
-def bench_variants(device):
-    """What the bare step is timed in: every candidate a run's kernel trial times on `device`
-    (src.training.kernels.candidates), and on CUDA fp16 with its scaler too (what a V100, T4 or P100 runs)."""
-    pairs = candidates("auto", "auto", device)
-    if device.type == "cuda" and ("fp16", "channels_last") not in pairs:
-        pairs.append(("fp16", "channels_last"))
-    return pairs
-
-
-class Variant:
-    """The default model and its optimizer as the main loop builds them, in one precision and memory format."""
-
-    def __init__(self, config, stream, device, precision, memory_format):
-        self.precision, self.memory_format = precision, memory_format
-        self.model, self.optimizer = training_model(config, build_model, stream, device, memory_format)
-        self.scaler = grad_scaler(device, precision)  # fp16: the loop's scaler
-
-
 class Bench:
     def __init__(self, config, data_dir, steps, device):
         from src.data import get_cifar
@@ -62,8 +44,7 @@ class Bench:
                                             config["valid_size"], -1, data_dir=data_dir)
         # Distinct batches, as training sees them (one batch reused would sit in the CPU caches).
         self.batches = [batch for _, batch in zip(range(steps), self.stream.epoch(1), strict=False)]
-        self.variants = {candidate_name(*pair): Variant(config, self.stream, device, *pair)
-                         for pair in bench_variants(device)}
+        self.variants = all_variants(config, self.stream, device)
         # What a run of this config trains in: its own kernel trial, on the same model and batches.
         trial = time_candidates(candidates("auto", "auto", device), build_training_model(
             config, build_model, self.stream, device), set_memory_format, config, self.batches[:TRIAL_BATCHES],
@@ -89,8 +70,7 @@ class Bench:
         return {**bare, **{name: getattr(self, name) for name in rest}}
 
     def bare(self, variant):
-        for batch in self.batches:
-            train_step(variant.model, variant.optimizer, batch, self.device, variant.precision, scaler=variant.scaler)
+        variant.steps(self.batches)
 
     def bare_rate(self, variant):
         return time_images(lambda: self.bare(variant), self.n_bare_images, self.device)
@@ -163,10 +143,10 @@ class Bench:
                 "chosen_by": meta["kernels_chosen_by"]}
 
     def evaluation(self):
-        from src.evaluation import evaluate
+        from src.evaluation import evaluate, evaluation_batch
 
-        model = self.best[0]
-        return time_images(lambda: evaluate(model, *self.valid, self.device, self.precision, batch_size=512),
+        model, batch = self.best[0], evaluation_batch(self.device, self.config["batch_size"])  # as the loop does
+        return time_images(lambda: evaluate(model, *self.valid, self.device, self.precision, batch_size=batch),
                            len(self.valid[1]), self.device)
 
     def checkpoint_ms(self):

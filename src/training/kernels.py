@@ -3,8 +3,9 @@
 How each is decided, in order (`choose_kernels`):
 
 1. An explicit `precision` (fp32 | bf16 | fp16) or `memory_format` (channels_last | contiguous) is used.
-2. A resumed run reuses what its first session chose (meta.json's sessions): the format and precision
-   change the rounding, so exact resume needs the same ones. A folder from code older than the
+2. A resumed run reuses what it was computed in (its last session on this kind of device in meta.json, or
+   the checkpoint's `kernels` entry where meta.json lost it): the format and precision change the
+   rounding, so exact resume needs the same ones. A folder from code older than the
    trial resumes with what that code used (channels_last on CUDA or with bf16, else contiguous).
 3. A fresh run times the candidates (`candidates`: NCHW and channels_last x every precision the
    device computes natively) on copies of its own model, at its own batch size, on its own device,
@@ -31,7 +32,7 @@ from src.training.hardware import (
 from src.training.optim import build_optimizer, parameter_groups
 from src.training.recipe import Recipe, train_step
 
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # the config key's words
 TORCH_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # The trial's budget: after one warm-up step of each candidate, rounds of one timed step of each, interleaved,
 # until TRIAL_SECONDS or TRIAL_SHARE of an epoch is spent (whichever is less), between MIN_ROUNDS and MAX_ROUNDS.
