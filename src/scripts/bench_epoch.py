@@ -83,20 +83,7 @@ def main(*, repeats=3, n_images=50000, config="cifar10", steps=STEPS, out=RESULT
         train(folder / "base", 1, config, folder / "data", settings["valid_size"])
         kernels = json.loads((folder / "base" / "meta.json").read_text())
         timers, epoch_images = bare_rates(settings, folder / "data", device, steps)
-        rounds = {"epoch_seconds": [], "share": [], **{name: [] for name in timers}}
-        for r in range(repeats):
-            for name, timer in timers.items():
-                rounds[name].append(timer())
-            seconds = {}
-            for n_epochs in (2, 3):
-                run = folder / f"run_{r}_{n_epochs}"
-                shutil.copytree(folder / "base", run)
-                seconds[n_epochs] = train(run, n_epochs, config, folder / "data", settings["valid_size"])
-                shutil.rmtree(run)
-            rounds["epoch_seconds"].append(seconds[3] - seconds[2])
-            fastest_now = max(rounds[name][-1] for name in timers)  # this round's, measured next to its runs
-            rounds["share"].append(epoch_images / fastest_now / rounds["epoch_seconds"][-1])
-            print(f"round {r + 1}/{repeats} done", file=sys.stderr)
+        rounds = measure_rounds(folder, config, settings["valid_size"], timers, epoch_images, repeats)
     bare = {name: median(rounds[name]) for name in timers}
     best = max(bare, key=bare.get)
     epoch = median(rounds["epoch_seconds"])
@@ -110,13 +97,36 @@ def main(*, repeats=3, n_images=50000, config="cifar10", steps=STEPS, out=RESULT
                               "n_images": n_images, "repeats": repeats, "config": config}}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    env = result["environment"]
+    print_result(result)
+
+
+def measure_rounds(folder, config, valid_size, timers, epoch_images, repeats):
+    """Each round: every variant's bare step, then copies of folder/base resumed to 2 and to 3 epochs."""
+    rounds = {"epoch_seconds": [], "share": [], **{name: [] for name in timers}}
+    for r in range(repeats):
+        for name, timer in timers.items():
+            rounds[name].append(timer())
+        seconds = {}
+        for n_epochs in (2, 3):
+            run = folder / f"run_{r}_{n_epochs}"
+            shutil.copytree(folder / "base", run)
+            seconds[n_epochs] = train(run, n_epochs, config, folder / "data", valid_size)
+            shutil.rmtree(run)
+        rounds["epoch_seconds"].append(seconds[3] - seconds[2])
+        fastest_now = max(rounds[name][-1] for name in timers)  # this round's, measured next to its runs
+        rounds["share"].append(epoch_images / fastest_now / rounds["epoch_seconds"][-1])
+        print(f"round {r + 1}/{repeats} done", file=sys.stderr)
+    return rounds
+
+
+def print_result(result):
+    env, rounds, epoch, best = result["environment"], result["rounds"], result["epoch_seconds"], result["fastest"]
     print(f"{env['device']} ({env['cpu']}; CPU capability {env['cpu_capability']}), {env['threads']} threads, "
-          f"torch {env['torch']}, medians of {repeats}")
-    for name, rate in bare.items():
+          f"torch {env['torch']}, medians of {env['repeats']}")
+    for name, rate in result["bare"].items():
         print(f"bare step, {name:28}{rate:9.0f} images/s")
     print(f"the runner trained in {result['loop_kernels']} ({result['chosen_by']}); one steady epoch of "
-          f"{epoch_images} images, seen from outside: {epoch:.2f} s")
+          f"{result['epoch_images']} images, seen from outside: {epoch:.2f} s")
     print(f"the whole epoch runs at {result['share_of_fastest_bare_step']:.3f} of the fastest bare step ({best}); "
           f"the median of each round's share: {result['share_by_round']:.3f} "
           f"({', '.join(f'{share:.3f}' for share in rounds['share'])})")

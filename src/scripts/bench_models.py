@@ -27,7 +27,8 @@ RESULT_FILE = "scratch/bench_models.json"
 
 
 def measure(config, batch, steps, device):
-    """(parameters, MACs per image, training images per second, the kernels timed fastest) of `config`'s model."""
+    """(parameters, MACs per image, training images per second, the kernels timed fastest, {candidate: images per
+    second}) of `config`'s model."""
     import types
 
     import torch
@@ -50,7 +51,8 @@ def measure(config, batch, steps, device):
     trial = time_candidates(candidates("auto", "auto", device), model, set_memory_format, config, batches, device,
                             45000 // batch)
     pair, rate = max(trial["images_per_second"].items(), key=lambda item: item[1])
-    return size["parameters"], size["macs_per_image"], rate, candidate_name(*pair)
+    rates = {candidate_name(*candidate): value for candidate, value in trial["images_per_second"].items()}
+    return size["parameters"], size["macs_per_image"], rate, candidate_name(*pair), rates
 
 
 @exit_codes
@@ -77,9 +79,10 @@ def main(*, steps=3, out=RESULT_FILE, only=None, batch=0):
         if chosen is not None and name not in chosen:
             continue
         config, batch_size = family(model_family).get(name), batch or own_batch
-        parameters, macs, rate, kernels = measure(config, batch_size, steps, device)
+        parameters, macs, rate, kernels, candidates = measure(config, batch_size, steps, device)
         rows.append({"config": name, "parameters": parameters, "macs": macs, "images_per_second": rate,
-                     "batch": batch_size, "epoch_seconds_45k": 45000 / rate, "kernels": kernels})
+                     "batch": batch_size, "epoch_seconds_45k": 45000 / rate, "kernels": kernels,
+                     "candidates": candidates})
         shown = "-" if macs is None else f"{macs / 1e6:.1f}M"  # None: the model cannot run on the meta device
         print(f"{name:18}{parameters:14,}{shown:>14}{rate:10.1f}{45000 / rate:16.0f}   {batch_size:<6}{kernels}",
               flush=True)
