@@ -17,7 +17,7 @@ from src.errors import UsageError
 def family(config_or_name):
     """The registry of a family, by its name or by a config's `model` key; UsageError if unknown."""
     name = config_or_name if isinstance(config_or_name, str) else config_or_name.get("model", LEGACY_MODEL)
-    if name not in src.config.FAMILIES:
+    if not isinstance(name, str) or name not in src.config.FAMILIES:  # a config.json may hold any JSON there
         raise UsageError(f"unknown model family '{clip(str(name))}'; known: {', '.join(sorted(src.config.FAMILIES))}")
     return src.config.FAMILIES[name]
 

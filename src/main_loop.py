@@ -1,5 +1,8 @@
 """The main loop: an ignite `Engine` plus named extensions, shared by every runner.
 
+Before the loop, the run's precision and memory format are settled once (src.training.kernels: the config's,
+a resumed run's own, or the fastest of a short timing trial on copies of the model).
+
 What fires, in order (the order of attachment, which `MainLoop.attach_extensions` spells out):
     load on start        Checkpoint.resume: the newest whole checkpoint, if the run folder has one
     seeding, schedule    before each step: model randomness re-seeded from (seed, iteration); the
@@ -162,14 +165,7 @@ def run_main_loop(config, save_path, build_model=None):
             cleanup.enter_context(kernel_settings(device, config["deterministic"]))
             if ranks.world_size > 1:  # one download and one cache build, then the other ranks read the cache
                 ranks.on_main(lambda: decode_data_once(config))
-            stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"],
-                                        device, config["valid_size"], config["n_examples"], config["label_mode"],
-                                        shard=(ranks.rank, ranks.world_size))
-            stream.augmentation(config["crop_padding"], config["crop_padding_mode"], config["flip"])
-            stream.regularise(config["cutout"], config["mixup"])
-            if stream.batch_size % ranks.world_size:
-                raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
-                                 f"{ranks.world_size} processes: change --batch_size")
+            stream, valid = training_data(config, device, ranks)
             model = build_training_model(config, build_model, stream, device)
             kernels = ranks.on_main(lambda: choose_run_kernels(config, folder, model, stream, device))
             optimizer = build_optimizer(config, parameter_groups(set_memory_format(model, kernels.memory_format),
@@ -191,6 +187,19 @@ def run_main_loop(config, save_path, build_model=None):
         ranks.close(failed)
 
 
+def training_data(config, device, ranks):
+    """(the training stream with the config's augmentation, the validation arrays), this rank's share."""
+    stream, valid = get_dataset(config["dataset"], config["augment"], config["batch_size"], config["seed"], device,
+                                config["valid_size"], config["n_examples"], config["label_mode"],
+                                shard=(ranks.rank, ranks.world_size))
+    stream.augmentation(config["crop_padding"], config["crop_padding_mode"], config["flip"])
+    stream.regularise(config["cutout"], config["mixup"])
+    if stream.batch_size % ranks.world_size:
+        raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
+                         f"{ranks.world_size} processes: change --batch_size")
+    return stream, valid
+
+
 def decode_data_once(config):
     load_dataset(config["dataset"], label_mode=config["label_mode"])  # builds the cache; nothing to broadcast
 
@@ -200,10 +209,26 @@ def open_run_folder(folder, config, cleanup):
     cleanup.enter_context(folder)
     folder.check_config(config, family(config))
     status = folder.read_status()
-    if status and is_finished(status, config["n_epochs"]):
-        return status["epochs_done"]
+    if status and is_finished(status, config["n_epochs"]):  # said by status.json; the checkpoint decides
+        done = finished_in_checkpoint(folder, config["n_epochs"])
+        if done is not None:
+            return done
     folder.refuse_lost_checkpoints()
     return None
+
+
+def finished_in_checkpoint(folder, n_epochs):
+    """The epochs done if the newest whole checkpoint says the run is finished at `n_epochs`, else None (an
+    edited or stale status.json is not believed: the resume rebuilds it, and a damaged checkpoint is said there)."""
+    try:
+        found = load_newest(folder.checkpoints, CHECKPOINT_KEYS, warn=lambda line: None)
+    except CorruptCheckpoint:
+        return None
+    progress = found[1]["progress"] if found else None
+    if not isinstance(progress, dict) or not isinstance(progress.get("log"), list):
+        return None
+    done, early = len(progress["log"]), progress.get("finished_early") is True
+    return done if is_finished({"finished": True, "epochs_done": done, "finished_early": early}, n_epochs) else None
 
 
 def build_training_model(config, build_model, stream, device):

@@ -56,6 +56,6 @@ def build_simple_cnn(config):
 def build_model(config):
     """The model of `config["model"]` (runs saved before the key existed are simple CNNs)."""
     name = config.get("model", "simple_cnn")
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model '{name}'; registered: {', '.join(sorted(MODELS))}")
     return MODELS[name](config)

@@ -105,7 +105,7 @@ def test_labels_are_checked_for_range_count_and_type(tmp_path):
     np.save(tmp_path / CIFAR10_1_LABELS, np.zeros(39, np.int64))
     with pytest.raises(RunError) as excinfo:
         load_cifar10_1(tmp_path)
-    assert "40 images but 39 labels" in one_line(excinfo)
+    assert "40 images for 39 labels" in one_line(excinfo, tmp_path / CIFAR10_1_DATA)  # before its data is read
     np.save(tmp_path / CIFAR10_1_LABELS, np.zeros(40, np.float64))
     with pytest.raises(RunError) as excinfo:
         load_cifar10_1(tmp_path)
@@ -236,3 +236,49 @@ def test_cifar10c_tar_is_downloaded_and_md5_checked(server, tmp_path, monkeypatc
         np.testing.assert_array_equal(source.images("fog"), arrays["fog.npy"].transpose(0, 3, 1, 2))
     assert (tmp_path / "data" / CIFAR10C_ARCHIVE).read_bytes() == served
     assert requests == [f"/{CIFAR10C_ARCHIVE}"] * 2
+
+
+def npy_header_claiming(shape, dtype="|u1"):
+    """The bytes of a .npy header (version 1.0) announcing `shape` of `dtype`, with no data after it."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+def test_a_header_announcing_absurd_or_no_images_is_refused_before_any_read(tmp_path):
+    """A shape whose byte count overflows int64, 50 million images in a sparse file (a MemoryError before),
+    and an empty pair (an IndexError in the calibration before): one line each, naming the file."""
+    write_cifar10_1(tmp_path)
+    data = tmp_path / CIFAR10_1_DATA
+    header = npy_header_claiming((300 + 2**54, 32, 32, 3))
+    data.write_bytes(header)
+    with data.open("r+b") as f:  # as many bytes as an int64 overflow of the claim would make it
+        f.truncate(len(header) + (((300 + 2**54) * 3072) % 2**64))
+    with pytest.raises(RunError) as excinfo:
+        load_cifar10_1(tmp_path)
+    assert "holds 18014398509482284 images" in one_line(excinfo, data)
+    sparse = npy_header_claiming((50_000_000, 32, 32, 3))
+    data.write_bytes(sparse)
+    with data.open("r+b") as f:
+        f.truncate(len(sparse) + 50_000_000 * 3072)
+    with pytest.raises(RunError) as excinfo:
+        load_cifar10_1(tmp_path)
+    assert "holds 50000000 images" in one_line(excinfo, data)
+    np.save(tmp_path / CIFAR10_1_LABELS, np.zeros(0, np.int32))
+    np.save(data, np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(RunError) as excinfo:
+        load_cifar10_1(tmp_path)
+    assert "holds 0 labels" in one_line(excinfo, CIFAR10_1_LABELS)
+
+
+def test_a_fifo_in_place_of_a_data_file_is_refused_not_waited_on(tmp_path):
+    write_cifar10_1(tmp_path)
+    (tmp_path / CIFAR10_1_DATA).unlink()
+    os.mkfifo(tmp_path / CIFAR10_1_DATA)
+    with pytest.raises(RunError) as excinfo:
+        load_cifar10_1(tmp_path)
+    assert "not a regular file" in one_line(excinfo, tmp_path / CIFAR10_1_DATA)
+    os.mkfifo(tmp_path / CIFAR10C_ARCHIVE)
+    with pytest.raises(RunError) as excinfo:
+        Cifar10C(tmp_path, ["fog"])
+    assert "not a regular file" in one_line(excinfo, tmp_path / CIFAR10C_ARCHIVE)

@@ -15,7 +15,9 @@ shape and size are checked before any data is read, and no pickle can be in it (
 so a planted or damaged file is named in one line and runs nothing.
 """
 import contextlib
+import math
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -37,6 +39,9 @@ COMMON_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 CORRUPTIONS = COMMON_CORRUPTIONS + EXTRA_CORRUPTIONS
 SEVERITIES = 5
+# The most images (or labels) one file may announce: CIFAR-10-C's hold 50,000, CIFAR-10.1's 2,000. A header
+# claiming more (50M images in a sparse file) is refused before anything is read.
+MAX_ITEMS = 100_000
 N_CLASSES = 10
 IMAGE = (32, 32, 3)  # as both sets store them (NHWC); models take (3, 32, 32)
 
@@ -54,8 +59,8 @@ def load_cifar10_1(data_dir):
     for name in fetched:
         download.download_archive(name, data_dir)
     with _removed_if_bad([data_dir / name for name in fetched]):
-        images = read_npy_file(data_dir / CIFAR10_1_DATA, images=True)
-        labels = read_npy_file(data_dir / CIFAR10_1_LABELS, images=False)
+        labels = read_npy_file(data_dir / CIFAR10_1_LABELS, images=False)  # first: it says how many images
+        images = read_npy_file(data_dir / CIFAR10_1_DATA, images=True, count=len(labels))
         return _as_model_input(images, labels, f"{data_dir / CIFAR10_1_DATA} and {CIFAR10_1_LABELS}")
 
 
@@ -89,7 +94,7 @@ class Cifar10C:
                                f"archive itself in {data_dir}")
             if not archive.exists():
                 download.download_archive(CIFAR10C_ARCHIVE, data_dir)
-            self.tar = _open_tar(archive)
+            self.tar = _open_tar(archive)  # with the file it reads, closed by close()
             _check_members(self.tar, names)  # before hours of evaluation, not after
         self.labels = _labels(self._read(CIFAR10C_LABELS, images=False), self._where(CIFAR10C_LABELS))
         if len(self.labels) % SEVERITIES or not len(self.labels):
@@ -98,15 +103,13 @@ class Cifar10C:
         self.per_severity = len(self.labels) // SEVERITIES
 
     def images(self, corruption):
-        name = f"{corruption}.npy"
-        images = self._read(name, images=True)
-        if len(images) != len(self.labels):
-            raise RunError(f"{self._where(name)} holds {len(images)} images for {len(self.labels)} labels")
+        images = self._read(f"{corruption}.npy", images=True, count=len(self.labels))
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
     def close(self):
         if self.tar is not None:
             self.tar.close()
+            self.tar.fileobj.close()
 
     def __enter__(self):
         return self
@@ -117,9 +120,9 @@ class Cifar10C:
     def _where(self, name):
         return str(self.folder / name) if self.folder else f"{self.tar.name}:{CIFAR10C_FOLDER}/{name}"
 
-    def _read(self, name, images):
+    def _read(self, name, images, count=None):
         if self.folder is not None:
-            return read_npy_file(self.folder / name, images)
+            return read_npy_file(self.folder / name, images, count)
         try:
             member = self.tar.getmember(f"{CIFAR10C_FOLDER}/{name}")
             stream = self.tar.extractfile(member)
@@ -131,13 +134,15 @@ class Cifar10C:
         if stream is None:
             raise RunError(f"{self._where(name)} is not a regular file")
         with stream:
-            return read_npy(stream, member.size, self._where(name), images)
+            return read_npy(stream, member.size, self._where(name), images, count)
 
 
 def _open_tar(path):
+    file = open_regular(path)
     try:
-        return tarfile.open(path, "r:")  # as published: uncompressed, so each member is a seek away
+        return tarfile.open(name=str(path), fileobj=file, mode="r:")  # as published: uncompressed, members a seek away
     except (tarfile.TarError, OSError, EOFError) as e:
+        file.close()
         raise RunError(f"{path} is not a readable tar archive ({_one_line(e, 150)}); download {CIFAR10C_ARCHIVE} "
                        "again") from None
 
@@ -152,18 +157,33 @@ def _check_members(tar, names):
         raise RunError(f"{tar.name} has no {CIFAR10C_FOLDER}/{missing[0]}; is it the official {CIFAR10C_ARCHIVE}?")
 
 
-def read_npy_file(path, images):
+def open_regular(path):
+    """`path` opened for reading if it is a regular file; a FIFO, device or socket (which could block the read
+    forever or never end) is refused in one line."""
     try:
-        with open(path, "rb") as f:
-            return read_npy(f, os.fstat(f.fileno()).st_size, str(path), images)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, without a writer
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise RunError(f"{path} is not a regular file; put the downloaded file there")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_npy_file(path, images, count=None):
+    try:
+        with open_regular(path) as f:
+            return read_npy(f, os.fstat(f.fileno()).st_size, str(path), images, count)
     except OSError as e:
         raise RunError(f"cannot read {path} ({e.strerror or e})") from None
 
 
-def read_npy(stream, size, where, images):
+def read_npy(stream, size, where, images, count=None):
     """The array in the .npy bytes of `stream` (`size` bytes in all): uint8 (N, 32, 32, 3) images, or (N,)
-    integer labels. Everything is checked from the header before the data is read; the data is read raw, so
-    nothing in the file is ever unpickled."""
+    integer labels; N between 1 and MAX_ITEMS, and `count` when given (the labels' number, for images).
+    Everything is checked from the header before the data is read; the data is read raw, so nothing in the
+    file is ever unpickled."""
     try:
         version = np.lib.format.read_magic(stream)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
@@ -176,11 +196,19 @@ def read_npy(stream, size, where, images):
         (dtype.kind in "iu" and not dtype.hasobject and len(shape) == 1)
     if not fits:
         raise RunError(f"{where} holds {dtype} of shape {tuple(shape)}, not {expected}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    what = "images" if images else "labels"
+    if not 1 <= shape[0] <= MAX_ITEMS:
+        raise RunError(f"{where} holds {shape[0]} {what}; a CIFAR-10.1 or CIFAR-10-C file holds 1 to {MAX_ITEMS:,}")
+    if count is not None and shape[0] != count:
+        raise RunError(f"{where} holds {shape[0]} {what} for {count} labels")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python's integers: a forged shape cannot overflow the check
     if stream.tell() + nbytes != size:
         raise RunError(f"{where} is {size} bytes, not the {stream.tell() + nbytes} its header announces "
                        "(truncated or damaged)")
-    data = stream.read(nbytes)
+    try:
+        data = stream.read(nbytes)
+    except MemoryError:
+        raise RunError(f"{where}: not enough memory to read its {nbytes:,} bytes") from None
     if len(data) != nbytes:
         raise RunError(f"{where} ends early (truncated)")
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
