@@ -16,7 +16,8 @@ def family_problems(config):
                         f"[64,256,256]), not {widths}")
     elif n_outputs(config):
         problems += size_problems(config, fast_parameters(widths, n_outputs(config)), ["widths"])
-    checks = [("bn_momentum", 0 <= config["bn_momentum"] <= 1, "be in [0, 1]"),
+    # 0 would freeze the running statistics at their start (every validation then wrong): refused.
+    checks = [("bn_momentum", 0 < config["bn_momentum"] <= 1, "be in (0, 1]: 0 never updates the running statistics"),
               ("whiten_images", config["whiten_images"] >= 1, "be at least 1"),
               ("whiten_bias_epochs", config["whiten_bias_epochs"] >= 0, "not be negative"),
               ("bias_lr_scale", config["bias_lr_scale"] > 0, "be positive"),

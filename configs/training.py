@@ -105,8 +105,24 @@ def training_problems(config):
     if config["valid_every"] < 1:
         problems.append(f"--valid_every must be at least 1 (epochs), not {config['valid_every']}")
     if config["dataset"] in dataset_names():
-        problems += dataset_problems(config)
+        problems += dataset_problems(config) or warmup_problems(config)
     return problems
+
+
+def warmup_problems(config):
+    """A linear warmup longer than the run: the learning rate would still be climbing from warmup_lr when the
+    run ends (`--warmup=1000` in a 2-epoch run trained at about 4e-7). A constant one trains at warmup_lr."""
+    warmup, unit = config["warmup"], config["schedule_unit"]
+    if not warmup or config["warmup_shape"] != "linear" or unit not in ("epochs", "iterations"):
+        return []
+    images = training_set_size(config["dataset"]) - config["valid_size"]
+    if config["n_examples"] > 0:
+        images = min(images, config["n_examples"])
+    length = config["n_epochs"] * (1 if unit == "epochs" else max(images // config["batch_size"], 1))
+    if warmup <= length:
+        return []
+    return [f"--warmup={warmup} {unit} is longer than the whole run ({length} {unit}): a linear warmup would "
+            "never reach --lr; shorten it or raise --n_epochs"]
 
 
 def dataset_problems(config):

@@ -6,6 +6,7 @@ the schema: an override or a JSON config must give each key a value of the root'
 import copy
 import difflib
 import json
+import math
 from pathlib import Path
 
 from src.errors import UsageError
@@ -123,7 +124,22 @@ def check_value(key, value, config):
         raise UsageError(f"bad value {_short(value)} for --{key}: expected {type_name(config[key])}")
     if expected in (list, dict) and nesting_depth(value) > MAX_NESTING:
         raise UsageError(f"bad value for --{key}: lists or dicts nested more than {MAX_NESTING} deep")
+    if not finite(value):
+        raise UsageError(f"bad value {_short(value)} for --{key}: numbers must be finite, not inf or nan")
     return value
+
+
+def finite(value):
+    """False if `value` is, or holds in its lists and dicts, an inf or nan float: no key means anything by one
+    (`--lr_decay=inf` even saved a folder that could never resume)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, (list, dict)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return True
 
 
 def nesting_depth(value):
@@ -162,9 +178,10 @@ def parse_value(key, text, config):
         raise UsageError(f"bad value '{shown}' for --{key}: expected bool (true/false/yes/no/1/0)")
     if expected in (int, float):
         try:
-            return expected(text)
+            value = expected(text)
         except ValueError:
             raise bad from None
+        return check_value(key, value, config)  # inf and nan parse as floats: refused there
     if expected is str:
         return text
     try:

@@ -64,8 +64,14 @@ def write_json(path, obj):
 
 
 def read_json(path):
+    """The JSON document in `path`. One nested too deeply for Python's parser (a planted `[[[[...`) is a
+    ValueError, as any other malformed JSON is, not a RecursionError for every caller to know of."""
     with open(path) as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be read") from None
 
 
 def remove_stale_temporaries(folder):

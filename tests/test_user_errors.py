@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -394,3 +395,42 @@ def test_ctrl_c_while_importing_exits_130_quietly(data_dir, tmp_path, script):
             assert err.count("\n") <= 1, err
     assert interrupted
     assert runners_of(tmp_path) == []
+
+
+def test_report_writes_only_regular_files_or_standard_output(finished, tmp_path, report_here):
+    """--csv/--markdown/--plot onto a FIFO, a symbolic link, a folder or a device node: refused in one line
+    (exit 2) before anything is read, each left as it was; `-` streams the table to standard output."""
+    results = tmp_path / "results"
+    shutil.copytree(finished, results / "run")
+    target = tmp_path / "target.csv"
+    target.write_text("mine\n")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "folder").mkdir()
+    os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's twin (the tests run as root)
+    for name, kind in (("fifo", "a FIFO"), ("link", "a symbolic link"), ("folder", "a folder"), ("null", "a device")):
+        for option in ("--csv", "--markdown", "--plot"):
+            result = report_here(results, option, tmp_path / name)
+            assert result.returncode == 2 and kind in result.stderr and result.stderr.count("\n") == 1, result
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode) and (tmp_path / "link").is_symlink()
+    assert stat.S_ISCHR(os.lstat(tmp_path / "null").st_mode) and target.read_text() == "mine\n"
+    streamed = report_here(results, "--csv", "-")
+    assert streamed.returncode == 0 and "run," in streamed.stdout and "wrote" not in streamed.stdout
+    assert report_here(results, "--plot", "-").returncode == 2
+    assert report_here(results, "--csv", target).returncode == 0 and target.read_text().startswith("run")
+
+
+def test_a_loaded_model_refuses_images_scaled_or_standardised_already(finished):
+    """The models take pixel values 0..255: x / 255, [-1, 1] or standardised batches scored chance silently."""
+    from src.analysis import load_main_loop
+
+    ml = load_main_loop(finished)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ml.model(images)
+        assert torch.equal(ml.model(images.float()), expected)  # floats of the same values are fine
+        for scaled in (images.float() / 255, images.float() / 127.5 - 1, (images.float() - 120) / 64):
+            with pytest.raises(ValueError, match="pixel values 0..255"):
+                ml.model(scaled)
+    ml.model.train()  # training batches (float under mixup and cutout) are never checked: no host sync per step
+    ml.model(images.float() / 255)

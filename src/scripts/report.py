@@ -6,6 +6,8 @@ stopped), best and last validation accuracy, and training time. With --group-see
 configuration without its seed: n, and the mean ± std of each metric. Folders that cannot be read are
 listed below the table, never a crash.
 """
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -29,9 +31,11 @@ def main(results_dir, *, csv=None, markdown=None, sort=None, reverse=False, plot
     """Print the run table of RESULTS_DIR; --csv/--markdown FILE write it too; --plot FILE overlays the curves
     of the runs (all, or --runs NAME,NAME,...); --sort COLUMN (--reverse for descending); --group-seeds: one
     row per configuration without its seed, mean ± std over its seeds (--plot: per configuration of the
-    runs drawn, the mean curve with a ±1 std band)."""
+    runs drawn, the mean curve with a ±1 std band). --csv - and --markdown - write to standard output."""
     from src.analysis import load_runs
 
+    for option, path in (("--csv", csv), ("--markdown", markdown), ("--plot", plot)):
+        check_output(option, path)
     folder = Path(results_dir)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
@@ -85,17 +89,44 @@ def check_sort(sort, table):
         raise UsageError(f"cannot sort by '{sort}'; columns: {', '.join(table.columns)}")
 
 
+KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+         (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_output(option, path):
+    """Before anything is read: an output is '-' (standard output; not for --plot), a new file, or an existing
+    regular file. Anything else is refused, since the atomic rename that writes the file would replace it (as
+    root, --csv /dev/stdout would have replaced the device node with a file)."""
+    if path is None:
+        return
+    if path == "-":
+        if option == "--plot":
+            raise UsageError("--plot - : a PNG does not go to standard output; give a file name")
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"{option} {path}: {e.strerror or e}") from None
+    kind = next((name for test, name in KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+    if kind:
+        raise UsageError(f"{option} {path} is {kind}; report.py writes only regular files (or - for standard "
+                         "output)")
+
+
 def write_outputs(shown, exported, csv, markdown):
     from src.files import atomic_write
 
-    if csv:  # written whole or not at all, like every file here
-        text = exported.to_csv(index=False)
-        atomic_write(Path(csv), lambda f: f.write(text.encode()))
-        print(f"wrote {csv}")
-    if markdown:
-        text = as_markdown(shown)
-        atomic_write(Path(markdown), lambda f: f.write(text.encode()))
-        print(f"wrote {markdown}")
+    for path, text in ((csv, lambda: exported.to_csv(index=False)), (markdown, lambda: as_markdown(shown))):
+        if not path:
+            continue
+        if path == "-":
+            sys.stdout.write(text())
+            continue
+        content = text().encode()
+        atomic_write(Path(path), lambda f, content=content: f.write(content))  # written whole or not at all
+        print(f"wrote {path}")
 
 
 def draw(found, folder, plot, group_seeds):

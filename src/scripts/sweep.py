@@ -60,6 +60,9 @@ def parse(argv):
             raise UsageError(f"unexpected '{word}': config values are given as --key=value1,value2")
         key, text = word[2:].split("=", 1)
         overrides[key] = text
+    if "%" in known.sweep_dir:  # submitit expands %j, %t, %A, %a... in its folder: the jobs' files would go astray
+        raise UsageError(f"the sweep folder '{known.sweep_dir}' holds a '%', which submitit reads as a job "
+                         "placeholder; choose a name without it")
     if known.backend not in ("local", "slurm"):
         raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
     for name, least in (("max_parallel", 0), ("gpus_per_job", 0), ("seeds", 0), ("time", 1), ("gpus", 0),
