@@ -70,4 +70,6 @@ def test_bench_epoch_times_a_steady_epoch_from_outside_against_every_bare_varian
     assert saved["loop_kernels"] in saved["bare"] and saved["chosen_by"] in ("trial", "rule")
     share = saved["epoch_images"] / saved["bare"][saved["fastest"]] / saved["epoch_seconds"]
     assert abs(saved["share_of_fastest_bare_step"] - share) < 1e-9
+    own = saved["epoch_images"] / saved["bare"][saved["loop_kernels"]] / saved["epoch_seconds"]
+    assert abs(saved["share_of_own_bare_step"] - own) < 1e-9
     assert "of the fastest bare step" in result.stdout.splitlines()[-1]
