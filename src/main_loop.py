@@ -347,8 +347,9 @@ class MainLoop:
 
     def run(self):
         self.checkpoint.resume(len(self.stream))
-        if self.kernels.changed():
-            self.say(f"warning: the checkpoint was computed in other kernels ({self.kernels.changed()}); the run "
+        changed = self.kernels.changed()
+        if changed:
+            self.say(f"warning: the checkpoint was computed in other kernels ({changed}); the run "
                      "goes on, but will not match an uninterrupted run bit for bit")
         if self.finished():
             return say_finished(self.folder.path, len(self.progress.log))

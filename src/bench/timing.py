@@ -4,6 +4,8 @@ median of rounds, and the reference configs the models' rows are measured on.
 import time
 from pathlib import Path
 
+from src.training.kernels import synchronize  # the kernel trial's own: the bench times its rows alike
+
 # (family, named config, batch for the speed): the big models' batches are smaller so a step stays seconds here.
 CONFIGS = [("simple_cnn", "cifar10", 128), ("resnet", "resnet20", 128), ("resnet", "resnet56", 128),
            ("resnet", "resnet110", 64), ("wrn", "wrn_16_4", 64), ("wrn", "wrn_28_10", 16),
@@ -23,12 +25,6 @@ def cpu_name():
         pass
     return platform.processor() or platform.machine()
 
-
-def synchronize(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(run, device, repeats):
