@@ -83,8 +83,9 @@ def remove_stale_temporaries(folder):
 class RunFolderLock:
     """An exclusive flock on SAVE_PATH/.lock; the kernel drops it when the holder dies, even by kill -9."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, kind="run folder"):
         self.path = Path(folder) / LOCK_FILE
+        self.kind = kind  # what the refusal calls the folder
         self._fd = None
 
     def acquire(self, patience=0.5):
@@ -102,7 +103,7 @@ class RunFolderLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunError(
-                f"run folder {self.path.parent} is in use by process {holder}; "
+                f"{self.kind} {self.path.parent} is in use by process {holder}; "
                 "wait for it to finish or stop it first"
             ) from None
         os.ftruncate(fd, 0)

@@ -49,6 +49,7 @@ from src.networks.size import model_size
 from src.models import build_model as build_registered_model
 from src.models import find_standardize
 from src.extensions.monitoring import Monitors, format_row
+from src.extensions.search_trial import SearchTrial, TrialLink
 from src.training.optim import Clock, build_optimizer, learning_rate, parameter_groups, set_learning_rate
 from src.training.recipe import Recipe, scored_labels, train_step  # train_step: bench.py times the same step
 from src.runs.folder import BEST_MODEL, RunFolder, ends_run, is_finished
@@ -315,6 +316,8 @@ class MainLoop:
             self.checkpoint.register("scaler", self.scaler)
         self.recipe = Recipe.from_config(config)
         self.ema = EMA(model, config["ema"], self.checkpoint) if config["ema"] else None
+        link = TrialLink.from_environment()
+        self.search = SearchTrial(link, self) if link else None
         self.bar = None
         self.attach_extensions()
 
@@ -338,6 +341,8 @@ class MainLoop:
         self.checkpoint.attach(t)  # mid-epoch saves, then the epoch-end save
         t.add_event_handler(Events.ITERATION_COMPLETED(every=LOG_EVERY), self.log_now_and_then)
         t.add_event_handler(Events.EPOCH_COMPLETED, self.draw)  # after the save: figures never delay the checkpoint
+        if self.search:  # a search's trial: the saved epoch's metric to its study, and the pruner's answer
+            self.search.attach(t)
         StopOnSignal(self.stops, self.checkpoint, self.ranks).attach(t)  # last: a stop saves what all above did
         if sys.stdout.isatty() and self.ranks.is_main:
             from ignite.handlers import ProgressBar
@@ -368,12 +373,24 @@ class MainLoop:
         finally:
             self.stops.in_loop = False
             self.monitors.close()
+        if self.search and self.search.pruned_at is not None:
+            return self.end_pruned()
         if self.stops.requested and not self.finished():
             if self.ranks.is_main:
                 print(f"stopped at iteration {self.trainer.state.iteration} with a checkpoint; "
                       "rerun the same command to resume", file=sys.stderr)
             return self.stops.exit_code
         self.say(f"finished {self.config['n_epochs']} epochs in {self.folder.path}")
+        return 0
+
+    def end_pruned(self):
+        """Stopped by the search's pruner: status.json says so; the checkpoint stays for whoever trains it on."""
+        if self.ranks.is_main:
+            with disk_errors_stop_training(self.folder.path):
+                self.folder.write_progress(self.progress.log, self.status())
+        self.say(f"pruned by the search at epoch {self.search.pruned_at} (trial {self.search.link.trial}); the "
+                 f"checkpoint is kept: the runner on {self.folder.path} trains it on to its {self.config['n_epochs']} "
+                 "epochs, exactly")
         return 0
 
     def start_epoch(self, engine):
@@ -412,6 +429,7 @@ class MainLoop:
             "best_valid_acc": self.progress.best_valid_acc,
             "last_checkpoint": f"checkpoint_{iteration}.pt",
             "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **({"pruned_at_epoch": self.search.pruned_at} if self.search and self.search.pruned_at else {}),
         }
 
     def end_epoch(self, engine):

@@ -120,7 +120,10 @@ def _load_weights(model, weights, source, config_file):
 
 
 def run_state(path, status, config):
-    """'finished', 'running' (a live process holds the run folder) or 'stopped' (killed, crashed or interrupted)."""
+    """'finished', 'running' (a live process holds the run folder), 'pruned' (a search's pruner stopped it:
+    src.extensions.search_trial) or 'stopped' (killed, crashed or interrupted)."""
     if is_finished(status, config["n_epochs"]):
         return "finished"
-    return "running" if RunFolderLock.is_held(path) else "stopped"
+    if RunFolderLock.is_held(path):
+        return "running"
+    return "pruned" if isinstance(status, dict) and status.get("pruned_at_epoch") else "stopped"

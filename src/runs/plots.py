@@ -155,3 +155,60 @@ def plot_confusion(matrix, class_names, path, title):
                     axes.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                               color="white" if fractions[i, j] > 0.5 else "black")
     _save(figure, path)
+
+
+STATE_STYLE = {"complete": {"marker": "o", "color": "tab:blue"}, "pruned": {"marker": "x", "color": "tab:orange"},
+               "running": {"marker": "^", "color": "tab:green"}}
+
+
+def plot_search_history(table, metric, maximize, path, title):
+    """A search's metric per trial (complete, pruned at its last rung's value, running), and the best so far
+    among complete trials; `table`: a row per trial with `trial`, `state`, `epochs` and the metric."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(8, 4.5)
+    axes = figure.subplots()
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for state, style in STATE_STYLE.items():
+        rows = table[(table["state"] == state) & table[metric].notna()]
+        if len(rows):
+            axes.scatter(rows["trial"], rows[metric], label=f"{state} ({len(rows)})", **style)
+    done = table[table["state"] == "complete"].sort_values("trial")
+    if len(done):
+        best = done[metric].cummax() if maximize else done[metric].cummin()
+        axes.step(done["trial"], best, where="post", color="tab:red", label="best so far")
+    axes.set(title=title, xlabel="trial", ylabel=f"{metric} (pruned: at the epoch it stopped)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    _save(figure, path)
+
+
+def plot_search_params(table, metric, dimensions, path, title):
+    """The metric against each searched key, one panel per key (log axis for a log range, the choices in
+    order for a choice); `dimensions`: (key, kind, log, choices) per key."""
+    panels = len(dimensions)
+    columns = min(panels, 3)
+    figure = _figure(4 * columns, 3.4 * ((panels + columns - 1) // columns) + 0.4)
+    figure.suptitle(title)
+    axes_list = figure.subplots((panels + columns - 1) // columns, columns, squeeze=False).ravel()
+    for axes, (key, kind, log, choices) in zip(axes_list, dimensions, strict=False):
+        for state, style in STATE_STYLE.items():
+            rows = table[(table["state"] == state) & table[metric].notna()]
+            if not len(rows):
+                continue
+            x = [choices.index(value) for value in rows[key]] if kind == "choice" else rows[key]
+            axes.scatter(x, rows[metric], label=state, alpha=0.8, **style)
+        if kind == "choice":
+            axes.set_xticks(range(len(choices)), choices)
+            axes.set_xlim(-0.5, len(choices) - 0.5)
+        elif log:
+            from matplotlib.ticker import NullFormatter
+
+            axes.set_xscale("log")
+            axes.xaxis.set_minor_formatter(NullFormatter())  # 2x10^-2, 3x10^-2... overlap on a narrow panel
+        axes.set(xlabel=key, ylabel=metric)
+        axes.grid(alpha=0.3)
+    for axes in axes_list[panels:]:
+        axes.set_visible(False)
+    axes_list[0].legend(fontsize="small")
+    _save(figure, path)

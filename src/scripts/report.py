@@ -52,7 +52,31 @@ def main(results_dir, *, csv=None, markdown=None, sort=None, reverse=False, plot
     if plot:
         draw(chosen, folder, plot, group_seeds)
         print(f"wrote {plot}")
+    from src.sweep.search import RECORD
+
+    if (folder / RECORD).is_file():
+        print_search(folder)
     return 0
+
+
+def print_search(folder):
+    """A search folder (search.py): its trials, best first by the metric, with their states, and the best
+    trial's command; a study that cannot be read is said in one line."""
+    from src.errors import RunError
+    from src.sweep.report import best_command, trials_table
+    from src.sweep.search import Search
+
+    try:
+        search = Search.load(folder)
+    except (RunError, UsageError) as e:
+        print(f"note: {folder} is a search whose study cannot be read: {e}", file=sys.stderr)
+        return
+    table = trials_table(search)
+    print(f"\nsearch trials ({search.record['metric']}, best first):")
+    print(table.to_string(index=False) if not table.empty else "no trials yet")
+    best = best_command(search)
+    if best:
+        print(best)
 
 
 def chosen_runs(found, names, folder):

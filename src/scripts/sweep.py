@@ -27,22 +27,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("P
 
 from src.cli import OneLineErrorParser, exit_codes  # noqa: E402
 from src.errors import UsageError  # noqa: E402
-
-SWEEP_OPTIONS = {
-    "backend": ("local", "local (on this machine) or slurm"),
-    "max_parallel": (0, "local: runs at a time; 0: 1, or one per GPU group with --gpus_per_job"),
-    "gpus_per_job": (0, "local: GPUs of each job (its own CUDA_VISIBLE_DEVICES; the run trains on the first); "
-                        "0: every job sees all"),
-    "seeds": (0, "add seed = 1..N to the grid"),
-    "partition": ("", "slurm: partition"),
-    "time": (60, "slurm: minutes per job before it is requeued"),
-    "gpus": (0, "slurm: GPUs per job"),
-    "cpus": (4, "slurm: CPUs per job"),
-    "mem": (16, "slurm: memory per job, GB"),
-    "array_parallelism": (8, "slurm: jobs of the array running at once"),
-    "signal_delay": (120, "slurm: seconds before the time limit at which a job is warned to checkpoint"),
-}
-
+from src.sweep.options import BACKEND_OPTIONS, add_options, check_backend_options  # noqa: E402
 
 def parse(argv):
     from configs import find_config
@@ -50,8 +35,7 @@ def parse(argv):
     parser = OneLineErrorParser(description=__doc__, prog="sweep.py", allow_abbrev=False)
     parser.add_argument("config", help="a registered config name or a .json config")
     parser.add_argument("sweep_dir", help="RESULTS_DIR/SWEEP_NAME: one run folder per point goes here")
-    for name, (default, text) in SWEEP_OPTIONS.items():
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default: {default})")
+    add_options(parser, {**BACKEND_OPTIONS, "seeds": (0, "add seed = 1..N to the grid")})
     parser.add_argument("--dry_run", action="store_true", help="print the runs and exit")
     known, rest = parser.parse_known_args(argv)
     overrides = {}
@@ -60,21 +44,9 @@ def parse(argv):
             raise UsageError(f"unexpected '{word}': config values are given as --key=value1,value2")
         key, text = word[2:].split("=", 1)
         overrides[key] = text
-    if "%" in known.sweep_dir:  # submitit expands %j, %t, %A, %a... in its folder: the jobs' files would go astray
-        raise UsageError(f"the sweep folder '{known.sweep_dir}' holds a '%', which submitit reads as a job "
-                         "placeholder; choose a name without it")
-    if known.backend not in ("local", "slurm"):
-        raise UsageError(f"--backend must be local or slurm, not '{known.backend}'")
-    for name, least in (("max_parallel", 0), ("gpus_per_job", 0), ("seeds", 0), ("time", 1), ("gpus", 0),
-                        ("cpus", 1), ("mem", 1), ("array_parallelism", 1), ("signal_delay", 1)):
-        if getattr(known, name) < least:
-            raise UsageError(f"--{name} must be at least {least}, not {getattr(known, name)}")
-    if known.backend == "slurm" and known.gpus_per_job:  # it would be ignored: a job asked for no GPU at all
-        raise UsageError(f"--gpus_per_job={known.gpus_per_job} is for --backend=local; with --backend=slurm, "
-                         f"give each job its GPUs with --gpus={known.gpus_per_job}")
-    if known.backend == "slurm" and known.signal_delay >= 60 * known.time:
-        raise UsageError(f"--signal_delay={known.signal_delay} s is not shorter than --time={known.time} min: "
-                         "every job would be warned as it starts")
+    check_backend_options(known, known.sweep_dir)
+    if known.seeds < 0:
+        raise UsageError(f"--seeds must be at least 0, not {known.seeds}")
     # An unknown config name fails here, before anything runs; `--model=NAME` picks the family where
     # two families name a config alike.
     family, base = find_config(known.config, overrides.get("model"))
@@ -106,6 +78,8 @@ def main(argv=None):
         from src.sweep.slurm import check_slurm
 
         check_slurm()
+    from src.sweep import local_gpu_groups
+
     groups = local_gpu_groups(options) if options.backend == "local" else []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / PLAN, {"config": options.config, "overrides": overrides, "seeds": options.seeds,
@@ -113,22 +87,6 @@ def main(argv=None):
     to_run = [(path, arguments, config) for path, arguments, config in runs if not is_finished(path, config)]
     outcome, stopped_by = launch(options, sweep_dir, to_run, family, groups) if to_run else ({}, None)
     return summarize(sweep_dir, outcome, stopped_by, grouped=bool(options.seeds) or "seed" in overrides)
-
-
-def local_gpu_groups(options):
-    """With --gpus_per_job=K, the groups of K visible GPUs, one per local job running at once (with
-    --max_parallel, at most that many); none without GPUs, where the sweep runs as without the option."""
-    from src.sweep import gpu_groups, visible_gpus
-
-    if not options.gpus_per_job:
-        return []
-    gpus = visible_gpus()
-    groups = gpu_groups(options.gpus_per_job, gpus)[:options.max_parallel or None]
-    if groups:
-        print(f"{len(gpus)} GPUs visible: {len(groups)} jobs at a time, each on {options.gpus_per_job} of its own")
-    else:
-        print(f"--gpus_per_job={options.gpus_per_job}: no GPU visible, so the runs share this machine's CPUs")
-    return groups
 
 
 def launch(options, sweep_dir, runs, family, groups):

@@ -23,6 +23,15 @@ class RunFailed(Exception):
     """A point's run ended without finishing; the message is the runner's own one-line reason."""
 
 
+# How a point that may simply go on ends its reason: it was stopped or killed, not failed by itself.
+RESUME, RUN = "rerun the sweep to resume it", "rerun the sweep to run it"
+
+
+def resumable(reason):
+    """Whether a point's one-line reason says it was stopped or killed (to resume), not failed by its run."""
+    return reason.endswith((RESUME, RUN))
+
+
 # How a RunFailed reads in the traceback submitit hands back to the sweep.
 RUN_FAILED = f"{RunFailed.__module__}.{RunFailed.__qualname__}: "
 RUN_FAILED_BEFORE = "src.sweep.RunFailed: "  # how it read before src.sweep became a package (jobs that ended then)
@@ -96,8 +105,7 @@ class TrainingJob:
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if self._process is None:
-            raise RunFailed(f"stopped by {signal_name(self._stop_signal)} before the run started; "
-                            "rerun the sweep to run it")
+            raise RunFailed(f"stopped by {signal_name(self._stop_signal)} before the run started; {RUN}")
         if self._process.returncode != 0:
             raise RunFailed(self.failure())
         return self.save_path
@@ -115,7 +123,7 @@ class TrainingJob:
         code = self._process.returncode
         if code < 0 or 128 < code < 128 + 65:  # killed by a signal, or stopped by one with a checkpoint
             name = signal_name(-code if code < 0 else code - 128)
-            return f"ended by {name}; rerun the sweep to resume it"
+            return f"ended by {name}; {RESUME}"
         lines = [line.strip() for line in tail_lines(self._stderr)]
         reason = last_error(lines)
         if reason is not None:
@@ -152,7 +160,7 @@ def point_outcome(finished, stderr_path, ended=None):
     if finished:
         return None
     how = f" {ended}" if ended else ""
-    return stderr_reason(stderr_path) or f"its job ended{how} without finishing the run; rerun the sweep to resume it"
+    return stderr_reason(stderr_path) or f"its job ended{how} without finishing the run; {RESUME}"
 
 
 def stderr_reason(stderr_path):
@@ -167,7 +175,7 @@ def stderr_reason(stderr_path):
     lines = [line.strip() for line in raw]
     for line in reversed(lines):
         if "***" in line:  # slurmstepd: error: *** JOB 12 ON node CANCELLED AT ... DUE TO TIME LIMIT ***
-            return f"Slurm: {line.split('***')[1].strip()}; rerun the sweep to resume it"
+            return f"Slurm: {line.split('***')[1].strip()}; {RESUME}"
     for line in reversed(lines):
         for prefix in (RUN_FAILED, RUN_FAILED_BEFORE):
             if line.startswith(prefix):

@@ -38,6 +38,20 @@ def gpu_groups(gpus_per_job, gpus):
     return [gpus[i:i + gpus_per_job] for i in range(0, len(gpus) - gpus_per_job + 1, gpus_per_job)]
 
 
+def local_gpu_groups(options):
+    """With --gpus_per_job=K, the groups of K visible GPUs, one per local job running at once (with
+    --max_parallel, at most that many); none without GPUs, where the sweep runs as without the option."""
+    if not options.gpus_per_job:
+        return []
+    gpus = visible_gpus()
+    groups = gpu_groups(options.gpus_per_job, gpus)[:options.max_parallel or None]
+    if groups:
+        print(f"{len(gpus)} GPUs visible: {len(groups)} jobs at a time, each on {options.gpus_per_job} of its own")
+    else:
+        print(f"--gpus_per_job={options.gpus_per_job}: no GPU visible, so the runs share this machine's CPUs")
+    return groups
+
+
 def make_executor(backend, sweep_dir, parameters):
     import submitit
 
@@ -99,26 +113,32 @@ def submit_shielded(executor, job):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_local(jobs_to_run, executor, max_parallel, finished, say=print, gpu_groups=()):
+def run_local(jobs_to_run, executor, max_parallel, finished, say=print, gpu_groups=(), ended=None):
     """Submit at most `max_parallel` jobs at a time, or with `gpu_groups`, one per free group, whose GPUs
     alone the job's run sees -> ({save_path: error text or None}, the stopping signal or None). A job
-    succeeded when `finished(save_path)` says its run folder is finished.
+    succeeded when `finished(save_path)` says its run folder is finished. `jobs_to_run` may be an iterator,
+    asked for the next job only when one can start (a search draws its next trial then); `ended(job, error)`
+    is called as each job ends, before the next is asked for.
 
     On SIGTERM/SIGINT, each running job's controller gets SIGTERM, which submitit passes to the job and the
     job, once, to its run; repeated every second, since a process still starting may not have its
     handler yet."""
-    pending, running, outcome, passed_on = list(jobs_to_run), [], {}, 0.0
+    pending, running, outcome, passed_on = iter(jobs_to_run), [], {}, 0.0
     free = [",".join(group) for group in gpu_groups] or [None] * max_parallel
     with SweepStop() as stop:
-        while pending or running:
+        while pending is not None or running:
             if stop.signal_number is not None:
-                pending.clear()
+                pending = None
                 if time.monotonic() - passed_on >= 1:
                     for _, handle, _ in running:
                         handle._process.send_signal(signal.SIGTERM)  # submitit's controller forwards SIGTERM
                     passed_on = time.monotonic()
-            while pending and free:
-                job, gpus = pending.pop(0), free.pop(0)
+            while pending is not None and free:
+                job = next(pending, None)
+                if job is None:
+                    pending = None
+                    break
+                gpus = free.pop(0)
                 if gpus is not None:
                     job.environment["CUDA_VISIBLE_DEVICES"] = gpus
                 running.append((job, submit_shielded(executor, job), gpus))
@@ -128,6 +148,8 @@ def run_local(jobs_to_run, executor, max_parallel, finished, say=print, gpu_grou
                 if handle.done():
                     outcome[job.save_path] = _error_of(job, handle, finished)
                     say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path}")
+                    if ended is not None:
+                        ended(job, outcome[job.save_path])
                     free.append(gpus)
                 else:
                     still.append((job, handle, gpus))

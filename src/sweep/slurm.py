@@ -186,6 +186,47 @@ def run_slurm(jobs_to_run, executor, sweep_dir, job_name, finished, say=print):
     return {folders[job_id]: error for job_id, error in outcome.items()}
 
 
+def run_slurm_stream(jobs_to_run, executor, sweep_dir, job_name, finished, parallel, ended, say=print):
+    """As run_slurm, for jobs drawn one at a time (a search's trials): at most `parallel` in Slurm's queue at
+    once, each submitted alone as a place frees, and `ended(job, error)` called as each leaves the queue, before
+    the next is drawn. A job whose run folder Slurm already has queued or running (from an earlier driver) is
+    waited for, not submitted again. -> {run folder: None or the failure's one line}; Ctrl-C leaves the jobs
+    running."""
+    queued = queued_points(sweep_dir, job_name)
+    pending, waiting, outcome = iter(jobs_to_run), {}, {}  # waiting: job id -> job
+    pause, answered = POLL_SECONDS[0], time.monotonic()
+    while pending is not None or waiting:
+        while pending is not None and len(waiting) < parallel:
+            job = next(pending, None)
+            if job is None:
+                pending = None
+            elif job.save_path in queued:
+                job_id, state = queued.pop(job.save_path)
+                say(f"already in Slurm's queue as job {job_id} ({state.lower()}), not submitted again: {job.save_path}")
+                waiting[job_id] = job
+            else:
+                job_id = next(iter(submit_array([job], executor, sweep_dir)))
+                say(f"submitted job {job_id}: {job.save_path}")
+                waiting[job_id] = job
+        try:
+            live = set(live_jobs(job_name, set(waiting)))
+            answered = time.monotonic()
+        except RunError:  # slurmctld restarting or busy, as in wait_for
+            if time.monotonic() - answered > SQUEUE_PATIENCE_SECONDS:
+                raise
+            live = set(waiting)
+        for job_id in sorted(set(waiting) - live):
+            job = waiting.pop(job_id)
+            outcome[job.save_path] = job_error(Path(sweep_dir) / ".submitit", job_id, finished(job.save_path))
+            say(f"{'done' if outcome[job.save_path] is None else 'FAILED'}: {job.save_path} (job {job_id})")
+            ended(job, outcome[job.save_path])
+            pause = POLL_SECONDS[0]
+        if waiting:
+            time.sleep(pause)
+            pause = min(pause * 1.25, POLL_SECONDS[1])
+    return outcome
+
+
 def slurm_parameters(name, partition=None, time_min=60, gpus=0, cpus=4, mem_gb=16, array_parallelism=8,
                      signal_delay_s=120):
     """submitit's `update_parameters` for a Slurm job array of single-task jobs, warned `signal_delay_s`
