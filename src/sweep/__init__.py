@@ -1,5 +1,5 @@
-"""Sweeps and searches: grids of runs, and Optuna searches whose trials are runs. Every point is the ordinary runner (`train_<family>.py CONFIG SAVE_PATH --key=value
-...`) in a subprocess of a submitit job, so a sweep's run behaves exactly like a run started by hand:
+"""Sweeps and searches: grids of runs, and Optuna searches whose trials are runs. Every point is the ordinary
+runner (`train_<family>.py CONFIG SAVE_PATH --key=value ...`) in a subprocess of a submitit job, so a sweep's run behaves exactly like a run started by hand:
 rerunning the sweep skips finished points and resumes the others. On Slurm's time-out or preemption
 warning (SIGUSR2, `signal_delay_s` before the end), submitit calls the job's `checkpoint()`: it passes the
 signal on to the runner, which checkpoints and exits, and submitit requeues the job, which then resumes.
