@@ -1,8 +1,9 @@
 """Sweeps and searches: grids of runs, and Optuna searches whose trials are runs. Every point is the ordinary
-runner (`train_<family>.py CONFIG SAVE_PATH --key=value ...`) in a subprocess of a submitit job, so a sweep's run behaves exactly like a run started by hand:
-rerunning the sweep skips finished points and resumes the others. On Slurm's time-out or preemption
-warning (SIGUSR2, `signal_delay_s` before the end), submitit calls the job's `checkpoint()`: it passes the
-signal on to the runner, which checkpoints and exits, and submitit requeues the job, which then resumes.
+runner (`train_<family>.py CONFIG SAVE_PATH --key=value ...`) in a subprocess of a submitit job, so a sweep's
+run behaves exactly like a run started by hand: rerunning the sweep skips finished points and resumes the
+others. On Slurm's time-out or preemption warning (SIGUSR2, `signal_delay_s` before the end), submitit calls
+the job's `checkpoint()`: it passes the signal on to the runner, which checkpoints and exits, and submitit
+requeues the job, which then resumes.
 
     plan.py    the grid -> run folders, and "finished with this config"
     jobs.py    TrainingJob (what submitit runs; jobs queued on Slurm unpickle it as src.sweep.TrainingJob),
