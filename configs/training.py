@@ -9,7 +9,7 @@ from pathlib import Path
 from src.config import ConfigRegistry, register_family
 from src.data import dataset_entry, dataset_names, training_set_size
 from src.datasets import stream
-from src.training import kernels, optim
+from src.training import kernels, muon, optim
 
 RUNNERS = Path(__file__).resolve().parents[1] / "src" / "scripts"  # a family's runner: train_<family>.py here
 
@@ -30,6 +30,15 @@ TRAINING_ROOT = {
     "schedule_unit": "epochs",  # epochs | iterations: the unit of lr_milestones and warmup
     "optimizer": "sgd",  # a name in src.training.optim.OPTIMIZERS: sgd | nesterov | adamw (beta1 = momentum)
     "adam_beta2": 0.999,  # adamw only
+    # optimizer=muon (src/training/muon.py): filter banks and dense weights take Muon at muon_lr, the rest SGD with
+    # Nesterov momentum at lr, momentum and weight_decay (a model may choose its own split, as the fast family does)
+    "muon_lr": 0.24,  # airbench94_muon's; follows the schedule as lr does
+    "muon_momentum": 0.6,  # Muon's Nesterov momentum (the sum form buf = m buf + g)
+    "muon_weight_decay": 0.0,  # decoupled, applied after the update
+    "muon_ns_steps": 3,  # Newton-Schulz steps
+    "muon_coefficients": "airbench",  # the iteration's (a, b, c): airbench (3.4445, -4.7750, 2.0315) | hiverge
+    "muon_ns_dtype": "bfloat16",  # the iteration's arithmetic: bfloat16 (the records') | float32 (faster on AVX2)
+    "muon_norm_every": 0,  # project each bank to norm sqrt(out channels) every this many steps; 0 = off
     "augment": True,  # random crop and horizontal flip, as the next three keys say; false = neither
     "crop_padding": 4,  # the crop's padding: a random translation by up to this many pixels each way; 0 = none
     "crop_padding_mode": "zeros",  # zeros | reflect (the image mirrored at its border, as airbench94 pads)
@@ -67,7 +76,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
                  "memory_format": kernels.MEMORY_FORMATS,
                  "compile_mode": COMPILE_MODES,
-                 "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations")}
+                 "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations"),
+                 "muon_coefficients": tuple(muon.COEFFICIENTS), "muon_ns_dtype": tuple(muon.DTYPES)}
 AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.datasets.stream's words
 
 
@@ -162,7 +172,19 @@ def recipe_problems(config):
     for key in ("label_smoothing", "ema"):
         if not 0 <= config[key] < 1:
             problems.append(f"--{key} must be in [0, 1), not {config[key]}")
-    return problems
+    return problems + muon_problems(config)
+
+
+def muon_problems(config):
+    if config["optimizer"] != "muon":
+        return []
+    checks = [("lr", config["lr"] > 0, "be positive with --optimizer=muon (Muon's lr is a multiple of it)"),
+              ("muon_lr", config["muon_lr"] > 0, "be positive"),
+              ("muon_momentum", 0 <= config["muon_momentum"] < 1, "be in [0, 1)"),
+              ("muon_weight_decay", config["muon_weight_decay"] >= 0, "not be negative"),
+              ("muon_ns_steps", config["muon_ns_steps"] >= 1, "be at least 1"),
+              ("muon_norm_every", config["muon_norm_every"] >= 0, "not be negative (0 = off)")]
+    return [f"--{key} must {must}, not {config[key]}" for key, ok, must in checks if not ok]
 
 
 def augment_problems(config):

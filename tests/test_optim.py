@@ -47,7 +47,7 @@ def test_nesterov_steps_differ_from_plain_momentum():
 
 
 def test_unknown_optimizer_lists_the_registered_ones():
-    with pytest.raises(UsageError, match="adamw, nesterov, sgd"):
+    with pytest.raises(UsageError, match="adamw, muon, nesterov, sgd"):
         build_optimizer({**CONFIG, "optimizer": "lion"}, params())
 
 

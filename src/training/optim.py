@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from src.errors import UsageError
+from src.training.muon import build_muon
 
 
 def build_sgd(config, params):
@@ -37,7 +38,7 @@ def build_adamw(config, params):
                              weight_decay=config["weight_decay"])
 
 
-OPTIMIZERS = {"sgd": build_sgd, "nesterov": build_nesterov, "adamw": build_adamw}
+OPTIMIZERS = {"sgd": build_sgd, "nesterov": build_nesterov, "adamw": build_adamw, "muon": build_muon}
 
 
 def build_optimizer(config, params):
