@@ -131,7 +131,7 @@ def test_a_drawn_point_the_family_refuses_fails_its_trial_before_it_starts(tmp_p
     dimensions, fixed = parse_space({"dropout": "0.5,1.5", "lr": "0.01:0.1"}, ROOT)
     record = {"config": "cifar10", "family": "simple_cnn", "space": {}, "fixed": {}, "metric": "valid_acc",
               "pruner": "asha", "min_epochs": 1, "sampler": "random", "seed": 3, "study": "search",
-              "storage": default_storage(tmp_path)}
+              "storage": ""}
     found = Search(tmp_path, record, dimensions, fixed, ROOT, simple_cnn_configs)
     found.open_study()
     prepared = [found.prepare() for _ in range(8)]
@@ -223,9 +223,11 @@ def test_a_pruned_trial_trained_on_by_the_runner_equals_the_plain_run(searched, 
     assert_identical(copy, tmp_path / "plain")
 
 
-def test_report_shows_the_trials_with_their_states(searched, data_dir):
+def test_report_shows_the_trials_with_their_states_wherever_the_folder_went(searched, data_dir, tmp_path):
     folder, _ = searched
-    shown = run_script(REPO / "src" / "scripts" / "report.py", folder, data_dir=data_dir)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # its study in its own search.db, found where the folder is now
+    shown = run_script(REPO / "src" / "scripts" / "report.py", moved, data_dir=data_dir)
     assert shown.returncode == 0, shown.stderr
     assert "pruned" in shown.stdout and "search trials (valid_acc, best first)" in shown.stdout
     assert "to train it again" in shown.stdout

@@ -76,7 +76,7 @@ def parse(argv):
 
 def make_search(options, overrides, family, base):
     """The Search, every input checked: the space, each corner point, the metric against the config."""
-    from src.sweep.search import Search, default_storage
+    from src.sweep.search import Search
     from src.sweep.space import check_space, parse_space
 
     dimensions, fixed = parse_space(overrides, family.root)
@@ -97,7 +97,7 @@ def make_search(options, overrides, family, base):
               "space": {d.key: d.text for d in dimensions}, "fixed": {k: overrides[k] for k in fixed},
               "metric": options.metric, "pruner": options.pruner, "min_epochs": options.min_epochs,
               "sampler": options.sampler, "seed": options.seed, "study": options.study,
-              "storage": options.storage or default_storage(search_dir)}
+              "storage": options.storage}  # empty: the search folder's own search.db
     return Search(search_dir, record, dimensions, fixed, base, family)
 
 

@@ -12,7 +12,7 @@ a kill draws the same point, and a search run one trial at a time draws the same
 killed. A trial's epochs are those of the same point trained by the plain runner: the pruner only stops it.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from src.data import derive_seed
@@ -62,7 +62,6 @@ class Search:
     family: object  # the family's registry (src.config.ConfigRegistry)
     study: object = None
     storage: object = None
-    said: list = field(default_factory=list)
 
     @classmethod
     def load(cls, search_dir):
@@ -81,6 +80,12 @@ class Search:
         search = cls(Path(search_dir), record, dimensions, fixed, base, registry)
         search.open_study(create=False)
         return search
+
+    @property
+    def url(self):
+        """The storage's URL: --storage's, or the search folder's own search.db (found where the folder is now,
+        so a search folder moved or copied whole still opens)."""
+        return self.record["storage"] or default_storage(self.search_dir)
 
     @property
     def n_epochs(self):
@@ -109,7 +114,7 @@ class Search:
         of this name belongs to another search folder."""
         import optuna
 
-        url = self.record["storage"]
+        url = self.url
         try:
             self.storage = open_storage(url)
             if create:
@@ -121,9 +126,10 @@ class Search:
         except Exception as e:  # noqa: BLE001 (a driver missing, a file that cannot be made, a server down...)
             raise UsageError(f"cannot open the storage {url} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else 'no reason given'})") from None
-        owner = self.study.user_attrs.get("search_dir")
-        here = str(self.search_dir.resolve())
-        if owner is None:
+        if not create or not self.record["storage"]:
+            return
+        owner, here = self.study.user_attrs.get("search_dir"), str(self.search_dir.resolve())
+        if owner is None:  # a storage elsewhere may hold many studies: each belongs to one search folder
             self.study.set_user_attr("search_dir", here)
         elif owner != here:
             raise UsageError(f"the study '{self.record['study']}' in {url} belongs to the search in {owner}; "
@@ -134,7 +140,7 @@ class Search:
 
     def link(self, number):
         r = self.record
-        return TrialLink(r["storage"], r["study"], number, r["metric"], r["pruner"], r["min_epochs"], self.n_epochs)
+        return TrialLink(self.url, r["study"], number, r["metric"], r["pruner"], r["min_epochs"], self.n_epochs)
 
     def trials(self):
         return self.study.get_trials(deepcopy=False)
@@ -224,7 +230,6 @@ class Search:
         return float(value)
 
     def say(self, line):
-        self.said.append(line)
         print(line, flush=True)
 
 
