@@ -4,6 +4,8 @@ from configs.training import family_registry, n_outputs, size_problems
 from src.networks.fast import fast_parameters
 from src.training.optim import TRIANGLE
 
+HEAD_INITS = ("default", "unit_std")
+WHITEN_BIAS_DECAYS = ("schedule", "linear")
 N_GROUPS = 3  # 31x31 after the whitening, halved three times to 3x3, then one 3x3 max-pool: 1x1
 
 
@@ -26,7 +28,13 @@ def family_problems(config):
               ("lr_start", config["lr_start"] >= 0, "not be negative"),
               ("lr_end", config["lr_end"] >= 0, "not be negative"),
               ("lookahead_every", config["lookahead_every"] >= 0, "not be negative (0 turns Lookahead off)"),
-              ("lookahead_decay", 0 <= config["lookahead_decay"] <= 1, "be in [0, 1]")]
+              ("lookahead_decay", 0 <= config["lookahead_decay"] <= 1, "be in [0, 1]"),
+              ("head_init", config["head_init"] in HEAD_INITS, f"be one of {', '.join(HEAD_INITS)}"),
+              ("head_lr_scale", config["head_lr_scale"] >= 0, "not be negative (0: the head trains with the rest)"),
+              ("whiten_bias_decay", config["whiten_bias_decay"] in WHITEN_BIAS_DECAYS,
+               f"be one of {', '.join(WHITEN_BIAS_DECAYS)}")]
+    if config["whiten_bias_decay"] == "linear" and config["whiten_bias_epochs"] < 1:
+        problems.append("--whiten_bias_decay=linear needs --whiten_bias_epochs of at least 1 (its line ends there)")
     problems += [f"--{key} must {must}, not {config[key]}" for key, ok, must in checks if not ok]  # nan fails too
     return problems
 
@@ -41,6 +49,9 @@ fast_configs = family_registry("fast", family_problems, {
     **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
     "lookahead_every": 0,  # Lookahead (src.training.optim): steps between pulls towards the slow weights; 0 = off
     "lookahead_decay": 0.95,  # per step: a pull at iteration t of T keeps decay**every * (t / T)**3 of the slow
+    "head_init": "default",  # default (PyTorch's) | unit_std (then divided by the weights' std: airbench94_muon)
+    "head_lr_scale": 0.0,  # > 0: the head at lr times this, weight decay divided by it; 0 = with the rest
+    "whiten_bias_decay": "schedule",  # the whitening bias's lr: schedule (the run's) | linear (to 0 when it freezes)
 })
 
 # airbench94's hyperparameters, converted. It sums the loss over the batch and writes lr and weight decay
@@ -56,3 +67,20 @@ AIRBENCH_RECIPE = dict(dataset="cifar10", optimizer="nesterov", lr=1.5, momentum
 fast_configs.derive("fast", **AIRBENCH_RECIPE, valid_size=5000)
 # The record's setting: all 50,000 training images (no validation; the test accuracy is evaluate.py's).
 fast_configs.derive("airbench94", **AIRBENCH_RECIPE, valid_size=0)
+
+# airbench94_muon (KellerJordan/cifar10-airbench, airbench94_muon.py at commit 096d14d; docs/models.md): the
+# same net with its head at 1/256 from a unit-std init, 8 epochs of batch 2000, Muon on the conv filter banks
+# (lr 0.24, momentum 0.6, Nesterov, 3 bf16 Newton-Schulz steps, each bank projected to norm sqrt(out) every
+# step), Nesterov SGD (momentum 0.85) on the rest, every lr falling linearly to 0, no Lookahead. It sums the
+# loss, with SGD lrs 0.053 (biases) and 0.67 (head) and weight decay 2e-6 * batch / lr: on our mean loss the
+# same steps are lr 0.053 * 2000 and weight decay 2e-6 * 2000 / 0.053 / 2000 (Muon normalises its update,
+# so its lr is unchanged). The whitening bias's lr falls from 0.053 * 2000 to 0 over its 3 epochs.
+MUON_BATCH = 2000
+AIRBENCH_MUON_RECIPE = dict(
+    dataset="cifar10", batch_size=MUON_BATCH, n_epochs=8, label_smoothing=0.2, augment=True, crop_padding=2,
+    crop_padding_mode="reflect", flip="alternate", optimizer="muon", lr=0.053 * MUON_BATCH, momentum=0.85,
+    weight_decay=2e-6 * MUON_BATCH / 0.053 / MUON_BATCH, bias_lr_scale=1.0, head_lr_scale=0.67 / 0.053,
+    muon_lr=0.24, muon_momentum=0.6, muon_ns_steps=3, muon_coefficients="airbench", muon_ns_dtype="bfloat16",
+    muon_norm_every=1, lr_schedule="linear", logit_scale=1 / 256, head_init="unit_std", whiten_bias_epochs=3,
+    whiten_bias_decay="linear", lookahead_every=0)
+fast_configs.derive("airbench94_muon", **AIRBENCH_MUON_RECIPE, valid_size=0)

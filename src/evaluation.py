@@ -52,11 +52,14 @@ def validation_columns(model, images, labels, device, precision, batch_size, pre
 
 # --- what evaluate.py measures: logits (with test-time augmentation), then scores from them -----------------
 
-TTA_MODES = ("flip", "flip+shift")
+TTA_MODES = ("flip", "flip+shift", "airbench")
 SHIFT = 2  # pixels; the training crops move images by up to 4 (zero padding), so 2 stays well inside that
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and most papers since measure ECE
 SHIFTS = ((0, 0), (-SHIFT, 0), (SHIFT, 0), (0, -SHIFT), (0, SHIFT))  # each mirror's views under flip+shift
-MODE_ORDER = (None, *TTA_MODES)  # each mode's views hold the one before's: the last asked for holds them all
+MODE_ORDER = (None, "flip", "flip+shift")  # each mode's views hold the one before's: the last holds them all
+# airbench94's (and airbench94_muon's) tta_level=2, as its `infer`: the logits (not probabilities) of the image and
+# its mirror at 1/4 each, and of both moved one pixel up-left and down-right (reflect padding) at 1/8 each.
+AIRBENCH_WEIGHTS = (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
 
 
 def views(x, tta):
@@ -77,6 +80,14 @@ def views(x, tta):
                            padded[:, :, SHIFT + dy:SHIFT + dy + height, SHIFT + dx:SHIFT + dx + width])
     return shifted
 
+
+
+def airbench_views(x):
+    """The image, its mirror, then each moved one pixel up-left and down-right (reflect padding) and its mirror."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    height, width = x.shape[2:]
+    moved = [padded[:, :, :height, :width], padded[:, :, 2:2 + height, 2:2 + width]]
+    return [x, x.flip(3), *(view for image in moved for view in (image, image.flip(3)))]
 
 
 def view_indices(mode, largest):
@@ -100,16 +111,21 @@ def predict_modes(model, images, device, modes, batch_size=None):
     """-> {mode: what `predict` gives with tta=mode} for each of `modes`, with every view run once per batch
     however many modes share it (plain, flip and flip+shift together: 10 forward passes, not 13)."""
     batch_size = batch_size or evaluation_batch(device)
-    largest = max(modes, key=MODE_ORDER.index)
+    chained = [mode for mode in modes if mode in MODE_ORDER]
+    largest = max(chained, key=MODE_ORDER.index) if chained else None
     was_training = model.training
     model.eval()
     outputs = {mode: [] for mode in modes}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
-            logits = [model(view).float() for view in views(x, largest)]
-            for mode in modes:
+            logits = [model(view).float() for view in views(x, largest)] if chained else []
+            for mode in chained:
                 outputs[mode].append(average([logits[i] for i in view_indices(mode, largest)]).cpu())
+            if "airbench" in outputs:  # its own views, its logits weighted as airbench94 weighs them
+                views_logits = [model(view).float() for view in airbench_views(x)]
+                outputs["airbench"].append(sum(w * z for w, z in zip(AIRBENCH_WEIGHTS, views_logits,
+                                                                      strict=True)).cpu())
     model.train(was_training)
     return {mode: torch.cat(out) if out else torch.zeros(0, 0) for mode, out in outputs.items()}
 

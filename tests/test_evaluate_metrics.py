@@ -92,3 +92,21 @@ def test_the_modes_share_their_views_and_give_what_each_alone_gives():
     assert len(calls) == 2 * 10  # two batches, each view once
     for mode in (None, "flip", "flip+shift"):
         assert torch.equal(together[mode], predict(model, x, "cpu", tta=mode, batch_size=4)), mode
+
+
+def test_airbench_tta_weighs_the_logits_of_its_six_views_as_airbench94_infers():
+    """airbench94_muon.py's infer(tta_level=2): 0.5 mirror(x) + 0.5 mean(mirror(up-left), mirror(down-right)),
+    mirror(v) = 0.5 f(v) + 0.5 f(flip(v)), the moves one pixel in a reflect-padded image."""
+    model = LeftBright()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def mirror(v):
+        return 0.5 * model(v) + 0.5 * model(v.flip(-1))
+
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect")
+    moved = (mirror(padded[:, :, 0:32, 0:32]) + mirror(padded[:, :, 2:34, 2:34])) / 2
+    expected = 0.5 * mirror(x) + 0.5 * moved
+    torch.testing.assert_close(predict(model, x, "cpu", tta="airbench"), expected, rtol=0, atol=1e-5)
+    both = predict_modes(model, x, "cpu", (None, "flip", "airbench"), batch_size=3)
+    assert torch.equal(both["airbench"], predict(model, x, "cpu", tta="airbench", batch_size=3))
+    assert torch.equal(both["flip"], predict(model, x, "cpu", tta="flip", batch_size=3))

@@ -130,6 +130,35 @@ def test_optimizer_groups_scale_batch_norm_biases_and_freeze_the_whitening_bias_
     assert torch.equal(model.whiten.bias, before) and model.whiten.bias.grad is not None
 
 
+def test_airbench94_muon_groups_and_learning_rates_are_its_sources():
+    """airbench94_muon.py: Muon on the six conv filter banks at 0.24 (1 - step / 200); SGD on the batch-norm
+    biases at 0.053 and the head at 0.67 (summed loss; x 2000 on our mean loss), each with weight decay
+    2e-6 * 2000 / its lr (/ 2000), and on the whitening bias at 0.053 (1 - step / 75), frozen from step 75."""
+    config = fast("airbench94_muon")
+    model = build_model(config)
+    assert model.head.weight.std().item() == pytest.approx(1.0) and model.scale.factor == 1 / 256
+    optimizer = build_optimizer(config, parameter_groups(model, config))
+    rest, banks, biases, whiten, head = optimizer.param_groups
+    assert banks["muon"] and not any(g["muon"] for g in (rest, biases, whiten, head))
+    assert banks["params"] == [m.weight for m in model.groups.modules() if isinstance(m, nn.Conv2d)]
+    assert head["params"] == [model.head.weight] and whiten["params"] == [model.whiten.bias]
+    assert not any(p.requires_grad for p in rest["params"])  # the whitening's weight and batch norm's scales
+    assert (banks["momentum"], banks["weight_decay"], biases["momentum"]) == (0.6, 0.0, 0.85)
+    for group, lr in ((biases, 0.053), (head, 0.67)):
+        assert group["weight_decay"] * 2000 == pytest.approx(2e-6 * 2000 / lr)
+    batches, total = 25, 200
+    for step in (0, 74, 75, 199):
+        lr = config["lr"] * (1 - step / total)  # lr_schedule=linear at the 1-based iteration step + 1
+        set_learning_rate(optimizer, lr, Clock(step + 1, total, batches))
+        assert banks["lr"] == pytest.approx(0.24 * (1 - step / total))
+        assert biases["lr"] == pytest.approx(0.053 * 2000 * (1 - step / total))
+        assert head["lr"] == pytest.approx(0.67 * 2000 * (1 - step / total))
+        assert whiten["lr"] == pytest.approx(0.053 * 2000 * max(0.0, 1 - step / 75))
+    unchanged = fast("airbench94")
+    groups = build_optimizer(unchanged, parameter_groups(build_model(unchanged), unchanged)).param_groups
+    assert len(groups) == 3 and not any("muon" in g or "decay_to_zero" in g for g in groups)  # as before
+
+
 def test_the_recipe_steps_are_airbench94s():
     """airbench94 sums the loss and writes lr and weight decay per 1024 examples; our mean-loss lr 1.5 and
     weight decay 0.0153 / 11.5 take the same steps."""
@@ -161,7 +190,7 @@ def test_named_configs_are_valid():
     registry = family("fast")
     for name in registry.names():
         assert registry.problems(registry.get(name)) == [], name
-    assert {"fast", "airbench94"} <= set(registry.names())
+    assert {"fast", "airbench94", "airbench94_muon"} <= set(registry.names())
 
 
 @pytest.mark.parametrize(("overrides", "says"), [
@@ -179,6 +208,9 @@ def test_named_configs_are_valid():
     ({"lr_end": "-0.1"}, "--lr_end must not be negative"),
     ({"lookahead_every": "-5"}, "--lookahead_every must not be negative"),
     ({"lookahead_decay": "1.5"}, "--lookahead_decay must be in [0, 1]"),
+    ({"head_init": "zeros"}, "--head_init must be one of default, unit_std"),
+    ({"head_lr_scale": "-1"}, "--head_lr_scale must not be negative"),
+    ({"whiten_bias_decay": "cosine"}, "--whiten_bias_decay must be one of schedule, linear"),
     ({"model": "vgg"}, "--model is the family of this runner's configs, fast"),
 ])
 def test_bad_values_are_refused_in_one_line(overrides, says):

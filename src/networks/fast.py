@@ -111,7 +111,8 @@ class Scale(nn.Module):
 class FastNet(nn.Sequential):
     """airbench94's net for uint8 images; `widths`: the three groups' channels (airbench's 64, 256, 256)."""
 
-    def __init__(self, n_outputs, widths=(64, 256, 256), bn_momentum=0.4, logit_scale=1 / 9, whiten_images=5000):
+    def __init__(self, n_outputs, widths=(64, 256, 256), bn_momentum=0.4, logit_scale=1 / 9, whiten_images=5000,
+                 head_init="default"):
         groups, channels = [], 2 * 3 * PATCH**2
         for width in widths:
             groups.append(ConvGroup(channels, width, bn_momentum))
@@ -121,6 +122,9 @@ class FastNet(nn.Sequential):
             pool=nn.MaxPool2d(3), flatten=nn.Flatten(), head=nn.Linear(channels, n_outputs, bias=False),
             scale=Scale(logit_scale)))
         self.whiten_images = whiten_images
+        if head_init == "unit_std":  # airbench94_muon's: PyTorch's init, then every weight divided by their std
+            with torch.no_grad():
+                self.head.weight /= self.head.weight.std()
 
     @torch.no_grad()
     def init_from_data(self, images):
@@ -132,25 +136,43 @@ class FastNet(nn.Sequential):
         self.whiten.set_from((x.float() - mean) / std)  # float32, as the model standardises them
 
     def parameter_groups(self, config):
-        """airbench's optimizer groups (src.training.optim.set_learning_rate reads `lr_scale` and `until_epoch`):
-        the rest at lr; batch-norm biases at lr * bias_lr_scale with weight_decay / bias_lr_scale; the
-        whitening bias at lr until `whiten_bias_epochs` epochs are done, then frozen. The frozen weights
-        (whitening, batch-norm scales) stay in the first group: they never get a gradient, so no step."""
+        """airbench's optimizer groups (src.training.optim.set_learning_rate reads `lr_scale`, `until_epoch` and
+        `decay_to_zero`): the rest at lr; batch-norm biases at lr * bias_lr_scale with weight_decay /
+        bias_lr_scale; the whitening bias at lr until `whiten_bias_epochs` epochs are done, then frozen (with
+        whiten_bias_decay=linear, its lr falls linearly to 0 by then). The frozen weights (whitening, batch-norm
+        scales) stay in the first group: they never get a gradient, so no step.
+
+        With optimizer=muon (airbench94_muon's split) the conv filter banks are Muon's own group, and with
+        head_lr_scale > 0 the head has its own group, at lr * head_lr_scale with weight_decay / head_lr_scale;
+        without them the groups are exactly the three above, as every run before these keys existed."""
         scale = config["bias_lr_scale"]
         norm_biases = [m.bias for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
         special = {id(p) for p in [*norm_biases, self.whiten.bias]}
+        whiten = {"params": [self.whiten.bias], "until_epoch": config["whiten_bias_epochs"]}
+        if config["whiten_bias_decay"] == "linear":
+            whiten["decay_to_zero"] = config["lr"]  # from the peak lr, not the schedule's
+        groups = [{"params": norm_biases, "lr": config["lr"] * scale, "lr_scale": scale,
+                   "weight_decay": config["weight_decay"] / scale}, whiten]
+        if config["optimizer"] == "muon":
+            banks = [m.weight for m in self.groups.modules() if isinstance(m, nn.Conv2d)]
+            groups.insert(0, {"params": banks, "muon": True})
+            special |= {id(p) for p in banks}
+            for group in groups[1:]:
+                group["muon"] = False
+        if config["head_lr_scale"] > 0:
+            head = config["head_lr_scale"]
+            groups.append({"params": [self.head.weight], "lr": config["lr"] * head, "lr_scale": head,
+                           "weight_decay": config["weight_decay"] / head, "muon": False})
+            special.add(id(self.head.weight))
         rest = [p for p in self.parameters() if id(p) not in special]
-        return [{"params": rest},
-                {"params": norm_biases, "lr": config["lr"] * scale, "lr_scale": scale,
-                 "weight_decay": config["weight_decay"] / scale},
-                {"params": [self.whiten.bias], "until_epoch": config["whiten_bias_epochs"]}]
+        return [{"params": rest, **({"muon": False} if config["optimizer"] == "muon" else {})}, *groups]
 
 
 @register_model("fast")
 def build_fast(config):
     """The fast family (configs/fast.py)."""
     return FastNet(n_classes(config["dataset"], config["label_mode"]), tuple(config["widths"]), config["bn_momentum"],
-                   config["logit_scale"], config["whiten_images"])
+                   config["logit_scale"], config["whiten_images"], config["head_init"])
 
 
 def fast_parameters(widths, n_outputs):

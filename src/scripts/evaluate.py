@@ -28,8 +28,9 @@ RESULT_FILE = eval_file("test")  # with --test_set=NAME: eval_NAME.json
 def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, test_set="test", tta=None,
          corruptions=None):
     """Evaluate the latest, the best and the EMA model of the run in SAVE_PATH on the test set (--test_set:
-    test, cifar10.1 or cifar10c); --tta=flip or flip+shift (or both, comma-separated) adds test-time-augmented
-    numbers beside the plain ones; --corruptions=NAME,... limits cifar10c to some corruptions."""
+    test, cifar10.1 or cifar10c); --tta=flip, flip+shift or airbench (or several, comma-separated) adds
+    test-time-augmented numbers beside the plain ones; --corruptions=NAME,... limits cifar10c to some
+    corruptions."""
     from src.datasets.cifar_files import CIFAR10_CLASSES
     from src.data import class_names, default_data_dir
     from src.training.hardware import choose_device
@@ -81,7 +82,7 @@ def check_options(device, test_set, tta, corruptions):
     ttas = [mode for mode in (tta or "").split(",") if mode]
     for mode in ttas:
         if mode not in TTA_MODES:
-            raise UsageError(f"--tta must be {' or '.join(TTA_MODES)} (or both, comma-separated), not '{mode}'")
+            raise UsageError(f"--tta must be {', '.join(TTA_MODES)} (or several, comma-separated), not '{mode}'")
     if corruptions is not None and test_set != "cifar10c":
         raise UsageError("--corruptions needs --test_set=cifar10c")
     chosen = [c for c in (corruptions or "").split(",") if c] or list(CORRUPTIONS)

@@ -111,7 +111,8 @@ def parameter_groups(model, config):
 def set_learning_rate(optimizer, lr, clock):
     """Every group's lr for the iteration `clock` (a Clock) is about to run: the schedule's `lr` times the
     group's `lr_scale` (1 if absent), or 0 once the group's `until_epoch` epochs are done (a frozen group: SGD
-    and AdamW then leave its weights exactly as they are); and the clock for the optimizer's Lookahead. A pure
+    and AdamW then leave its weights exactly as they are), falling linearly from the lr `decay_to_zero` names
+    to 0 by then where it names one; and the clock for the optimizer's Lookahead. A pure
     function of the iteration, like the schedule: exact on resume."""
     if getattr(optimizer, "lookahead", None) is not None:
         optimizer.lookahead.clock = clock
@@ -119,6 +120,8 @@ def set_learning_rate(optimizer, lr, clock):
         until = group.get("until_epoch")
         if until is not None and clock.iteration - 1 >= until * clock.batches_per_epoch:
             group["lr"] = 0.0
+        elif group.get("decay_to_zero"):  # its own straight line from that lr to 0 when it freezes (airbench94_muon)
+            group["lr"] = group["decay_to_zero"] * (1 - (clock.iteration - 1) / (until * clock.batches_per_epoch))
         elif "lr_scale" in group:
             group["lr"] = lr * group["lr_scale"]
         else:  # every group of every family before groups existed: the same float as before
