@@ -127,6 +127,15 @@ def test_each_pruner_judges_at_the_rungs_it_is_given():
     assert isinstance(make_pruner("none", 1, 9), optuna.pruners.NopPruner)
 
 
+def test_a_journal_file_is_named_as_optuna_dashboard_names_one():
+    from src.extensions.search_trial import journal_path
+
+    assert journal_path("journal:/shared/s/journal.log") == "/shared/s/journal.log"
+    assert journal_path("journal:///shared/s/j") == "/shared/s/j"
+    assert journal_path("results/s/optuna.log") == "results/s/optuna.log"
+    assert journal_path("sqlite:///results/s/search.db") is None and journal_path("results/s.db") is None
+
+
 def test_a_drawn_point_the_family_refuses_fails_its_trial_before_it_starts(tmp_path):
     dimensions, fixed = parse_space({"dropout": "0.5,1.5", "lr": "0.01:0.1"}, ROOT)
     record = {"config": "cifar10", "family": "simple_cnn", "space": {}, "fixed": {}, "metric": "valid_acc",

@@ -56,16 +56,25 @@ def maximized(metric):
     return metric.endswith("_acc")
 
 
+def journal_path(url):
+    """The file of a journal storage (`journal:PATH`, `journal:///PATH`, or a path ending in .log or .journal, as
+    optuna-dashboard takes one), None for a database URL."""
+    if url.startswith("journal:"):
+        path = url[len("journal:"):]
+        return path[2:] if path.startswith("///") else path
+    return url if "://" not in url and url.endswith((".log", ".journal")) else None
+
+
 def open_storage(url):
-    """An Optuna storage: `journal:PATH` (a journal file, for clusters' shared file systems), else a database URL
+    """An Optuna storage: a journal file (`journal_path`: for clusters' shared file systems), else a database URL
     (sqlite:///PATH, postgresql://..., mysql://...)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines would go into every trial's output
-    if url.startswith("journal:"):
+    if (path := journal_path(url)) is not None:
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
     kwargs = {"connect_args": {"timeout": SQLITE_WAIT_SECONDS}} if url.startswith("sqlite:") else {}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
