@@ -37,7 +37,7 @@ TRAINING_ROOT = {
     "muon_weight_decay": 0.0,  # decoupled, applied after the update
     "muon_ns_steps": 3,  # Newton-Schulz steps
     "muon_coefficients": "airbench",  # the iteration's (a, b, c): airbench (3.4445, -4.7750, 2.0315) | hiverge
-    "muon_ns_dtype": "bfloat16",  # the iteration's arithmetic: bfloat16 (the records') | float32 (faster on AVX2)
+    "muon_ns_dtype": "bfloat16",  # the iteration's arithmetic: bfloat16 (airbench's) | float16 (hiverge's) | float32
     "muon_norm_every": 0,  # project each bank to norm sqrt(out channels) every this many steps; 0 = off
     "augment": True,  # random crop and horizontal flip, as the next three keys say; false = neither
     "crop_padding": 4,  # the crop's padding: a random translation by up to this many pixels each way; 0 = none
@@ -45,6 +45,8 @@ TRAINING_ROOT = {
     "flip": "random",  # random (per image and batch) | alternate (per image every other epoch, airbench94's) | none
     "cutout": 0,  # side of the square cut out of each training image (DeVries & Taylor 2017); 0 = off
     "mixup": 0.0,  # mixup's alpha (Zhang et al. 2018); 0 = off
+    "brightness": 0.0,  # per image, b ~ U(-this, this) added to the standardised image (hiverge's 0.1399); 0 = off
+    "contrast": 0.0,  # per image, then times c ~ U(1 - this, 1 + this) (hiverge's 0.1308); 0 = off
     "label_smoothing": 0.0,  # of the training loss; 0 = off
     "ema": 0.0,  # decay of an exponential moving average of the weights, evaluated each epoch; 0 = off
     "grad_clip": 0.0,  # clip the gradients' global norm to this; 0 = off
@@ -169,7 +171,7 @@ def recipe_problems(config):
             problems.append(f"--{key} must not be negative, not {config[key]}")
     if config["cutout"] > 32:
         problems.append(f"--cutout must be at most 32 (the image's side), not {config['cutout']}")
-    for key in ("label_smoothing", "ema"):
+    for key in ("label_smoothing", "ema", "brightness", "contrast"):
         if not 0 <= config[key] < 1:
             problems.append(f"--{key} must be in [0, 1), not {config[key]}")
     return problems + muon_problems(config)

@@ -194,6 +194,7 @@ def training_data(config, device, ranks):
                                 config["valid_size"], config["n_examples"], config["label_mode"],
                                 shard=(ranks.rank, ranks.world_size))
     stream.augmentation(config["crop_padding"], config["crop_padding_mode"], config["flip"])
+    stream.jitter(config["brightness"], config["contrast"])
     stream.regularise(config["cutout"], config["mixup"])
     if stream.batch_size % ranks.world_size:
         raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "

@@ -256,3 +256,29 @@ def test_a_stream_refuses_what_it_cannot_do(augmentation, says):
     with pytest.raises(UsageError) as excinfo:
         stream(**augmentation)
     assert str(excinfo.value).startswith(says) and "\n" not in str(excinfo.value)
+
+
+def test_colour_jitter_is_hivergess_per_image_and_drawn_from_seed_epoch_and_batch():
+    """brightness b and contrast c per image, in the standardised image: (x + b) c, with b in [-0.14, 0.14] and c in
+    [1 - 0.13, 1 + 0.13]; the crop and flip are those of the same stream without it; a batch drawn again (a
+    resume at that batch) is the same; off by default (uint8 out, as before the keys)."""
+    plain = stream(**AIRBENCH)
+    jittered = stream(**AIRBENCH).jitter(brightness=0.14, contrast=0.13)
+    mean, std = plain.mean, plain.std
+    draws_b, draws_c = [], []
+    for batch, ((x, y), (z, y2)) in enumerate(zip(plain.epoch(3), jittered.epoch(3), strict=True)):
+        assert x.dtype == torch.uint8 and z.dtype == torch.float32 and torch.equal(y, y2)
+        before, after = ((x.float() - mean) / std).flatten(1), ((z - mean) / std).flatten(1)
+        centred = before - before.mean(1, keepdim=True)
+        c = (centred * (after - after.mean(1, keepdim=True))).sum(1) / (centred**2).sum(1)
+        b = after.mean(1) / c - before.mean(1)
+        torch.testing.assert_close(after, (before + b[:, None]) * c[:, None], rtol=0, atol=1e-3)
+        draws_b.append(b)
+        draws_c.append(c)
+        resumed = next(iter(jittered.epoch(3, start_batch=batch)))[0]
+        assert torch.equal(resumed, z)
+    b, c = torch.cat(draws_b), torch.cat(draws_c)
+    assert b.abs().max() <= 0.14 + 1e-4 and (c - 1).abs().max() <= 0.13 + 1e-4
+    assert b.std() > 0.05 and (c - 1).std() > 0.05  # spread over the ranges, one draw per image
+    other = next(iter(stream(**AIRBENCH).jitter(0.14, 0.13).epoch(4)))[0]
+    assert not torch.equal(other, next(iter(jittered.epoch(3)))[0])

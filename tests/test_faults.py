@@ -70,8 +70,10 @@ def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir
 
 
 # Every recipe knob on (issue 11): EMA, cutout, mixup, label smoothing, gradient clipping, and a linear warmup
-# of 5 iterations in front of a multistep schedule whose milestones (in iterations) fall mid-epoch.
+# of 5 iterations in front of a multistep schedule whose milestones (in iterations) fall mid-epoch; and hiverge's
+# brightness and contrast jitter (issue 21).
 RECIPE = ["--ema=0.9", "--cutout=8", "--mixup=1.0", "--label_smoothing=0.1", "--grad_clip=0.5", "--warmup=5",
+          "--brightness=0.14", "--contrast=0.13",
           "--warmup_lr=0.005", "--schedule_unit=iterations", "--lr_schedule=multistep", "--lr_milestones=[20,37]"]
 N_RECIPE_KILLS = 4
 

@@ -10,6 +10,7 @@ from src.errors import RunError, UsageError
 SEED_SPLIT, SEED_ORDER, SEED_AUGMENT = 0, 1, 2
 SEED_CUTOUT, SEED_MIXUP = 5, 6  # 3 and 4 are src.main_loop's
 SEED_FLIP = 7  # each image's flip in the first epoch, under flip="alternate"
+SEED_JITTER = 8  # brightness and contrast, per image and batch
 PADDING_MODES = ("zeros", "reflect")  # what the crop's padding holds: zeros, or the image mirrored at its border
 FLIPS = ("random", "alternate", "none")  # per image and epoch; every other epoch per image (airbench94); never
 _MASK64 = (1 << 64) - 1
@@ -53,7 +54,8 @@ class TrainStream:
     a single process would augment those images.
 
     `augmentation(crop_padding, crop_padding_mode, flip)` sets what `augment` does (by default a crop with 4
-    pixels of zero padding and a random flip per image). `regularise(cutout, mixup)` adds cutout and
+    pixels of zero padding and a random flip per image). `jitter(brightness, contrast)` adds hiverge's colour
+    jitter (float32 pixel values then). `regularise(cutout, mixup)` adds cutout and
     mixup (then the images are float32 pixel values, and under mixup each batch is `(images, labels,
     partner_labels, lam)`: see src.training.recipe).
     """
@@ -70,6 +72,7 @@ class TrainStream:
         self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self.mean, self.std = channel_mean_std(self.images)
         self.cutout, self.mixup = 0, 0.0
+        self.brightness = self.contrast = 0.0
         self.augmentation()
 
     def augmentation(self, crop_padding=4, crop_padding_mode="zeros", flip="random"):
@@ -91,6 +94,13 @@ class TrainStream:
         if flip == "alternate":  # image i's flip in epoch e is first_flips[i] xor (e odd): no state between epochs
             generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_FLIP))
             self.first_flips = self._on_device(torch.rand(len(self.images), generator=generator) < 0.5)
+        return self
+
+    def jitter(self, brightness=0.0, contrast=0.0):
+        """hiverge/cifar10-speedrun's colour jitter (cifar10_speedrun.py, commit 828bcd7), per image: in the
+        standardised image x, (x + b) c with b uniform in [-brightness, brightness] and c in [1 - contrast,
+        1 + contrast], drawn from (seed, epoch, batch) like the stream's other draws; 0 = off."""
+        self.brightness, self.contrast = brightness, contrast
         return self
 
     def regularise(self, cutout=0, mixup=0.0):
@@ -127,6 +137,8 @@ class TrainStream:
         x = self.images[index]
         if self.augment:
             x = self._augment(x, index, at, epoch, batch)
+        if self.brightness or self.contrast:
+            x = self._jitter(x, at, epoch, batch)
         if self.cutout:
             x = self._cutout(x, at, epoch, batch)
         return x
@@ -179,6 +191,17 @@ class TrainStream:
         where = (image_start[:, None, None, None] + channel_start[None, :, None, None]
                  + (rows * pw)[:, None, :, None] + cols[:, None, None, :])
         return source.reshape(-1)[where]
+
+    def _jitter(self, x, at, epoch, batch):
+        """Brightness then contrast, in the standardised image's units, computed on the pixel values: for x the
+        pixels and m, s the channel statistics, m + ((x - m) + b s) c is the pixels of ((x - m) / s + b) c."""
+        import torch
+
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, SEED_JITTER, epoch, batch))
+        shifts = (torch.rand(self.batch_size, generator=generator) * 2 - 1) * self.brightness
+        scales = 1 + (torch.rand(self.batch_size, generator=generator) * 2 - 1) * self.contrast
+        b, c = (self._on_device(draw[at]).view(-1, 1, 1, 1) for draw in (shifts, scales))
+        return self.mean + ((x.float() - self.mean) + b * self.std) * c
 
     def _cutout(self, x, at, epoch, batch):
         """A `cutout`-sided square per image, its centre uniform over the image, clipped at the borders, set to

@@ -15,7 +15,7 @@ A group is Muon's when it has `muon=True`; its keys:
     lr, momentum, nesterov          as SGD's; the momentum buffer is the sum form buf = m buf + g
     weight_decay                    decoupled: w <- w (1 - lr wd), after the update
     ns_coefficients, ns_steps       the quintic iteration's (a, b, c) and its number of steps
-    ns_dtype                        "bfloat16" (the records') or "float32"
+    ns_dtype                        "bfloat16" (airbench's), "float16" (hiverge's) or "float32"
     norm_every                      0, or project each filter bank to Frobenius norm sqrt(out channels) every
                                     this many steps, before the update (airbench94_muon: every step)
 Banks whose matrices have one shape are orthogonalised together, in one batched call per shape (hiverge pads
@@ -29,7 +29,7 @@ from torch.optim.sgd import sgd
 AIRBENCH_NS = (3.4445, -4.7750, 2.0315)  # airbench94_muon.py's (and torch.optim.Muon's default) coefficients
 HIVERGE_NS = (3.4576, -4.7391, 2.0843)  # cifar10_speedrun.py's
 NS_EPS = 1e-7
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}  # hiverge's: float16
 
 
 def orthogonalise(matrices, coefficients=AIRBENCH_NS, steps=3, dtype=torch.bfloat16, eps=NS_EPS):
