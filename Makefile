@@ -10,7 +10,7 @@ RESNETS := resnet20 resnet32 resnet44 resnet56 resnet110
 WRNS := wrn_16_4 wrn_16_4_cifar100 wrn_28_10 wrn_28_10_cifar100
 PREACT_RESNETS := preact_resnet18
 VGGS := vgg11_bn vgg16_bn
-FASTS := fast airbench94 airbench94_muon
+FASTS := fast airbench94 airbench94_muon speedrun
 
 .PHONY: install test test-fast lint clean demo bench bench-epoch report simple_cnn_cifar10 simple_cnn_cifar100 \
 	sweep_lr_width_local sweep_lr_width_slurm $(RESNETS) $(WRNS) $(PREACT_RESNETS) $(VGGS) $(FASTS) sweep_resnets

@@ -1,7 +1,7 @@
 """Named configs for `src/scripts/train_fast.py`: the fast family (src/networks/fast.py), after KellerJordan's
 airbench94, the public CIFAR-10 speed record, and its recipe."""
 from configs.training import family_registry, n_outputs, size_problems
-from src.networks.fast import fast_parameters
+from src.networks.fast import ACTIVATIONS, fast_parameters
 from src.training.optim import TRIANGLE
 
 HEAD_INITS = ("default", "unit_std")
@@ -32,9 +32,10 @@ def family_problems(config):
               ("head_init", config["head_init"] in HEAD_INITS, f"be one of {', '.join(HEAD_INITS)}"),
               ("head_lr_scale", config["head_lr_scale"] >= 0, "not be negative (0: the head trains with the rest)"),
               ("whiten_bias_decay", config["whiten_bias_decay"] in WHITEN_BIAS_DECAYS,
-               f"be one of {', '.join(WHITEN_BIAS_DECAYS)}")]
-    if config["whiten_bias_decay"] == "linear" and config["whiten_bias_epochs"] < 1:
-        problems.append("--whiten_bias_decay=linear needs --whiten_bias_epochs of at least 1 (its line ends there)")
+               f"be one of {', '.join(WHITEN_BIAS_DECAYS)}"),
+              ("activation", config["activation"] in ACTIVATIONS, f"be one of {', '.join(ACTIVATIONS)}")]
+    if config["whiten_bias_decay"] == "linear" and not config["whiten_bias_epochs"] > 0:
+        problems.append("--whiten_bias_decay=linear needs --whiten_bias_epochs above 0 (its line ends there)")
     problems += [f"--{key} must {must}, not {config[key]}" for key, ok, must in checks if not ok]  # nan fails too
     return problems
 
@@ -44,7 +45,7 @@ fast_configs = family_registry("fast", family_problems, {
     "bn_momentum": 0.4,  # batch norm's running statistics, PyTorch's sense (airbench's 0.6 is 1 minus this)
     "logit_scale": 1 / 9,  # the logits are multiplied by it
     "whiten_images": 5000,  # training images the whitening filters are computed from
-    "whiten_bias_epochs": 3,  # epochs the whitening layer's bias trains before it is frozen
+    "whiten_bias_epochs": 3.0,  # epochs (a fraction: ceil(this x batches per epoch) steps) its bias trains for
     "bias_lr_scale": 64.0,  # batch-norm biases: lr times this, weight decay divided by it
     **TRIANGLE,  # lr_schedule=triangle: lr_start * lr up to lr at the fraction lr_peak, down to lr_end * lr
     "lookahead_every": 0,  # Lookahead (src.training.optim): steps between pulls towards the slow weights; 0 = off
@@ -52,6 +53,7 @@ fast_configs = family_registry("fast", family_problems, {
     "head_init": "default",  # default (PyTorch's) | unit_std (then divided by the weights' std: airbench94_muon)
     "head_lr_scale": 0.0,  # > 0: the head at lr times this, weight decay divided by it; 0 = with the rest
     "whiten_bias_decay": "schedule",  # the whitening bias's lr: schedule (the run's) | linear (to 0 when it freezes)
+    "activation": "gelu",  # in the conv groups: gelu (airbench's) | silu (hiverge's); after the whitening, GELU
 })
 
 # airbench94's hyperparameters, converted. It sums the loss over the batch and writes lr and weight decay
@@ -84,3 +86,23 @@ AIRBENCH_MUON_RECIPE = dict(
     muon_norm_every=1, lr_schedule="linear", logit_scale=1 / 256, head_init="unit_std", whiten_bias_epochs=3,
     whiten_bias_decay="linear", lookahead_every=0)
 fast_configs.derive("airbench94_muon", **AIRBENCH_MUON_RECIPE, valid_size=0)
+
+# hiverge/cifar10-speedrun's record (cifar10_speedrun.py at commit 828bcd7; docs/models.md): the same net with SiLU
+# in its groups, batch-norm momentum 1 - 0.5566, whitening from 960 images whose bias trains for its first
+# ceil(0.19 x 32) = 7 steps; 243 steps of batch 1536 (8 epochs, the last cut at 19 of 32 batches); Muon at 0.205,
+# momentum 0.655, 3 fp16 steps of its coefficients, decoupled weight decay 1.0418e-6 x 1536, each bank
+# projected to norm sqrt(out) on its interval schedule; Nesterov SGD (momentum 0.825) with lrs 0.0573 (biases)
+# and 0.5415 (head) and weight decay 1.0418e-6 x 1536 / lr on its summed loss (converted as airbench94_muon's);
+# label smoothing 0.09; brightness and contrast jitter 0.1399 and 0.1308.
+SPEEDRUN_BATCH = 1536
+SPEEDRUN_WD = 1.0418e-6 * SPEEDRUN_BATCH
+SPEEDRUN_RECIPE = dict(
+    dataset="cifar10", batch_size=SPEEDRUN_BATCH, n_epochs=8, n_iterations=243, label_smoothing=0.09, augment=True,
+    crop_padding=2, crop_padding_mode="reflect", flip="alternate", brightness=0.1399, contrast=0.1308,
+    optimizer="muon", lr=0.0573 * SPEEDRUN_BATCH, momentum=0.825, weight_decay=SPEEDRUN_WD / 0.0573 / SPEEDRUN_BATCH,
+    bias_lr_scale=1.0, head_lr_scale=0.5415 / 0.0573, muon_lr=0.205, muon_momentum=0.655,
+    muon_weight_decay=SPEEDRUN_WD, muon_ns_steps=3, muon_coefficients="hiverge", muon_ns_dtype="float16",
+    muon_norm_every=0, muon_norm_schedule="hiverge", lr_schedule="linear", logit_scale=1 / 256,
+    head_init="unit_std", whiten_images=960, whiten_bias_epochs=0.19, whiten_bias_decay="linear",
+    bn_momentum=1 - 0.5566, activation="silu", lookahead_every=0)
+fast_configs.derive("speedrun", **SPEEDRUN_RECIPE, valid_size=0)

@@ -18,6 +18,7 @@ TRAINING_ROOT = {
     "label_mode": "fine",  # CIFAR-100 only: fine (100 classes) | coarse (20)
     "batch_size": 128,
     "n_epochs": 30,
+    "n_iterations": 0,  # > 0: the run's steps, ending mid-way through its last epoch (hiverge's 243); 0 = n_epochs
     "lr": 0.05,
     "momentum": 0.9,
     "weight_decay": 5e-4,
@@ -39,6 +40,7 @@ TRAINING_ROOT = {
     "muon_coefficients": "airbench",  # the iteration's (a, b, c): airbench (3.4445, -4.7750, 2.0315) | hiverge
     "muon_ns_dtype": "bfloat16",  # the iteration's arithmetic: bfloat16 (airbench's) | float16 (hiverge's) | float32
     "muon_norm_every": 0,  # project each bank to norm sqrt(out channels) every this many steps; 0 = off
+    "muon_norm_schedule": "fixed",  # fixed (every muon_norm_every) | hiverge (after 2 + int(15 t / T) steps)
     "augment": True,  # random crop and horizontal flip, as the next three keys say; false = neither
     "crop_padding": 4,  # the crop's padding: a random translation by up to this many pixels each way; 0 = none
     "crop_padding_mode": "zeros",  # zeros | reflect (the image mirrored at its border, as airbench94 pads)
@@ -79,7 +81,8 @@ FIXED_CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32"
                  "memory_format": kernels.MEMORY_FORMATS,
                  "compile_mode": COMPILE_MODES,
                  "warmup_shape": ("linear", "constant"), "schedule_unit": ("epochs", "iterations"),
-                 "muon_coefficients": tuple(muon.COEFFICIENTS), "muon_ns_dtype": tuple(muon.DTYPES)}
+                 "muon_coefficients": tuple(muon.COEFFICIENTS), "muon_ns_dtype": tuple(muon.DTYPES),
+                 "muon_norm_schedule": muon.NORM_SCHEDULES}
 AUGMENT_CHOICES = {"crop_padding_mode": stream.PADDING_MODES, "flip": stream.FLIPS}  # src.datasets.stream's words
 
 
@@ -101,6 +104,8 @@ def training_problems(config):
     for key in ("batch_size", "n_epochs"):
         if config[key] < 1:
             problems.append(f"--{key} must be at least 1, not {config[key]}")
+    if config["n_iterations"] < 0:
+        problems.append(f"--n_iterations must not be negative (0: n_epochs whole epochs), not {config['n_iterations']}")
     for key in ("lr", "momentum", "weight_decay", "checkpoint_every_seconds", "plot_every_seconds"):
         if not config[key] >= 0:  # also catches nan
             problems.append(f"--{key} must not be negative, not {config[key]}")

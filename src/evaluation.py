@@ -52,7 +52,7 @@ def validation_columns(model, images, labels, device, precision, batch_size, pre
 
 # --- what evaluate.py measures: logits (with test-time augmentation), then scores from them -----------------
 
-TTA_MODES = ("flip", "flip+shift", "airbench")
+TTA_MODES = ("flip", "flip+shift", "airbench", "hiverge")
 SHIFT = 2  # pixels; the training crops move images by up to 4 (zero padding), so 2 stays well inside that
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and most papers since measure ECE
 SHIFTS = ((0, 0), (-SHIFT, 0), (SHIFT, 0), (0, -SHIFT), (0, SHIFT))  # each mirror's views under flip+shift
@@ -60,6 +60,9 @@ MODE_ORDER = (None, "flip", "flip+shift")  # each mode's views hold the one befo
 # airbench94's (and airbench94_muon's) tta_level=2, as its `infer`: the logits (not probabilities) of the image and
 # its mirror at 1/4 each, and of both moved one pixel up-left and down-right (reflect padding) at 1/8 each.
 AIRBENCH_WEIGHTS = (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+# hiverge's speedrun (cifar10_speedrun.py, commit 828bcd7): the plain logits, except for the quarter of the images
+# least confident in them, whose logits are the plain mean of the same six views'.
+HIVERGE_QUANTILE = 0.25
 
 
 def views(x, tta):
@@ -112,10 +115,12 @@ def predict_modes(model, images, device, modes, batch_size=None):
     however many modes share it (plain, flip and flip+shift together: 10 forward passes, not 13)."""
     batch_size = batch_size or evaluation_batch(device)
     chained = [mode for mode in modes if mode in MODE_ORDER]
+    if "hiverge" in modes and None not in chained:  # it starts from the plain logits
+        chained.append(None)
     largest = max(chained, key=MODE_ORDER.index) if chained else None
     was_training = model.training
     model.eval()
-    outputs = {mode: [] for mode in modes}
+    outputs = {mode: [] for mode in dict.fromkeys([*chained, *modes])}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
@@ -126,8 +131,24 @@ def predict_modes(model, images, device, modes, batch_size=None):
                 views_logits = [model(view).float() for view in airbench_views(x)]
                 outputs["airbench"].append(sum(w * z for w, z in zip(AIRBENCH_WEIGHTS, views_logits,
                                                                       strict=True)).cpu())
+        if "hiverge" in outputs:
+            plain = torch.cat(outputs[None])
+            outputs["hiverge"] = [least_confident_again(model, images, plain, device, batch_size)]
     model.train(was_training)
-    return {mode: torch.cat(out) if out else torch.zeros(0, 0) for mode, out in outputs.items()}
+    return {mode: torch.cat(outputs[mode]) if outputs[mode] else torch.zeros(0, 0) for mode in modes}
+
+
+def least_confident_again(model, images, plain, device, batch_size):
+    """hiverge's selective TTA: `plain` logits with those of the HIVERGE_QUANTILE least confident images (top
+    softmax probability) replaced by the mean logits of their six airbench views."""
+    k = int(len(images) * HIVERGE_QUANTILE)
+    chosen = plain.softmax(1).max(1).values.topk(k, largest=False).indices
+    result = plain.clone()
+    for start in range(0, k, batch_size):
+        which = chosen[start:start + batch_size]
+        x = images[which].to(device, non_blocking=True)
+        result[which] = torch.stack([model(view).float() for view in airbench_views(x)]).mean(0).cpu()
+    return result
 
 
 def average(logits):

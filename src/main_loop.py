@@ -199,6 +199,10 @@ def training_data(config, device, ranks):
     if stream.batch_size % ranks.world_size:
         raise UsageError(f"the global batch of {stream.batch_size} images must divide evenly among "
                          f"{ranks.world_size} processes: change --batch_size")
+    budget, epochs = config["n_iterations"], config["n_epochs"]
+    if budget and not (epochs - 1) * len(stream) < budget <= epochs * len(stream):
+        raise UsageError(f"--n_iterations={budget} must end in the run's last epoch: with {len(stream)} batches an "
+                         f"epoch, give --n_epochs={-(-budget // len(stream))}")
     return stream, valid
 
 
@@ -324,7 +328,8 @@ class MainLoop:
 
     @property
     def total_iterations(self):
-        return self.config["n_epochs"] * len(self.stream)
+        """The run's steps: n_epochs whole epochs, or `n_iterations` (a budget ending mid-way through the last)."""
+        return self.config["n_iterations"] or self.config["n_epochs"] * len(self.stream)
 
     def step(self, engine, batch):
         loss, logits = train_step(self.forward, self.optimizer, batch, self.device, self.precision, self.recipe,
@@ -345,6 +350,9 @@ class MainLoop:
         if self.search:  # a search's trial: the saved epoch's metric to its study, and the pruner's answer
             self.search.attach(t)
         StopOnSignal(self.stops, self.checkpoint, self.ranks).attach(t)  # last: a stop saves what all above did
+        if self.total_iterations < self.config["n_epochs"] * len(self.stream):  # a budget ending mid-epoch
+            t.add_event_handler(Events.ITERATION_COMPLETED(once=self.total_iterations), lambda e: e.terminate_epoch())
+            t.add_event_handler(Events.EPOCH_COMPLETED, self.end_at_budget)  # after its row and checkpoint
         if sys.stdout.isatty() and self.ranks.is_main:
             from ignite.handlers import ProgressBar
 
@@ -383,6 +391,11 @@ class MainLoop:
             return self.stops.exit_code
         self.say(f"finished {self.config['n_epochs']} epochs in {self.folder.path}")
         return 0
+
+    def end_at_budget(self, engine):
+        """The last, shortened epoch is logged and saved: the run ends here (ignite would start another)."""
+        if engine.state.iteration >= self.total_iterations:
+            engine.terminate()
 
     def end_pruned(self):
         """Stopped by the search's pruner: status.json says so; the checkpoint stays for whoever trains it on."""

@@ -110,3 +110,22 @@ def test_airbench_tta_weighs_the_logits_of_its_six_views_as_airbench94_infers():
     both = predict_modes(model, x, "cpu", (None, "flip", "airbench"), batch_size=3)
     assert torch.equal(both["airbench"], predict(model, x, "cpu", tta="airbench", batch_size=3))
     assert torch.equal(both["flip"], predict(model, x, "cpu", tta="flip", batch_size=3))
+
+
+def test_hiverge_tta_replaces_the_least_confident_quarter_with_the_mean_of_six_views():
+    """cifar10_speedrun.py's tta: plain logits; for the int(0.25 n) images of lowest top probability, the plain mean
+    of the logits of the image, its 1-pixel up-left and down-right moves (reflect padding) and their mirrors."""
+    from src.evaluation import airbench_views
+
+    model = LeftBright()
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    plain = predict(model, x, "cpu")
+    least = set(plain.softmax(1).max(1).values.topk(3, largest=False).indices.tolist())
+    result = predict(model, x, "cpu", tta="hiverge", batch_size=5)
+    for i in range(12):
+        if i in least:
+            expected = torch.stack([model(view) for view in airbench_views(x[i:i + 1])]).mean(0)[0]
+            torch.testing.assert_close(result[i], expected, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(result[i], plain[i])
+    assert torch.equal(predict_modes(model, x, "cpu", (None, "hiverge"), batch_size=5)["hiverge"], result)

@@ -159,6 +159,32 @@ def test_airbench94_muon_groups_and_learning_rates_are_its_sources():
     assert len(groups) == 3 and not any("muon" in g or "decay_to_zero" in g for g in groups)  # as before
 
 
+def test_speedrun_is_hiverges_record():
+    """cifar10_speedrun.py (commit 828bcd7): SiLU in the groups, GELU after the whitening; batch-norm momentum
+    1 - 0.5566; Muon at 0.205, momentum 0.655, weight decay 1.0418e-6 x 1536 (decoupled), fp16 iteration with its
+    coefficients and norm schedule; SGD at 0.0573 (biases, whitening bias over its ceil(0.19 x 32) = 7 steps) and
+    0.5415 (head), momentum 0.825, weight decay 1.0418e-6 x 1536 / lr, all on its summed loss (x 1536 here)."""
+    config = fast("speedrun")
+    model = build_model(config)
+    assert isinstance(model.groups[0].act1, nn.SiLU) and isinstance(model.whiten_act, nn.GELU)
+    assert model.groups[0].norm1.momentum == pytest.approx(0.4434) and model.whiten_images == 960
+    assert (config["batch_size"], config["n_iterations"], config["label_smoothing"]) == (1536, 243, 0.09)
+    assert (config["brightness"], config["contrast"]) == (0.1399, 0.1308)
+    optimizer = build_optimizer(config, parameter_groups(model, config))
+    rest, banks, biases, whiten, head = optimizer.param_groups
+    assert (banks["momentum"], banks["weight_decay"]) == (0.655, pytest.approx(1.0418e-6 * 1536))
+    assert (banks["ns_dtype"], banks["norm_schedule"], banks["ns_coefficients"]) == (
+        "float16", "hiverge", (3.4576, -4.7391, 2.0843))
+    for group, lr in ((biases, 0.0573), (head, 0.5415)):
+        assert group["momentum"] == 0.825 and group["weight_decay"] * 1536 == pytest.approx(1.0418e-6 * 1536 / lr)
+    batches, total = 32, 243
+    for step in (0, 6, 7, 242):
+        set_learning_rate(optimizer, config["lr"] * (1 - step / total), Clock(step + 1, total, batches))
+        assert banks["lr"] == pytest.approx(0.205 * (1 - step / total))
+        assert head["lr"] == pytest.approx(0.5415 * 1536 * (1 - step / total))
+        assert whiten["lr"] == pytest.approx(0.0573 * 1536 * max(0.0, 1 - step / 7))  # trained 7 steps
+
+
 def test_the_recipe_steps_are_airbench94s():
     """airbench94 sums the loss and writes lr and weight decay per 1024 examples; our mean-loss lr 1.5 and
     weight decay 0.0153 / 11.5 take the same steps."""
@@ -190,7 +216,7 @@ def test_named_configs_are_valid():
     registry = family("fast")
     for name in registry.names():
         assert registry.problems(registry.get(name)) == [], name
-    assert {"fast", "airbench94", "airbench94_muon"} <= set(registry.names())
+    assert {"fast", "airbench94", "airbench94_muon", "speedrun"} <= set(registry.names())
 
 
 @pytest.mark.parametrize(("overrides", "says"), [
@@ -211,6 +237,7 @@ def test_named_configs_are_valid():
     ({"head_init": "zeros"}, "--head_init must be one of default, unit_std"),
     ({"head_lr_scale": "-1"}, "--head_lr_scale must not be negative"),
     ({"whiten_bias_decay": "cosine"}, "--whiten_bias_decay must be one of schedule, linear"),
+    ({"activation": "relu"}, "--activation must be one of gelu, silu"),
     ({"model": "vgg"}, "--model is the family of this runner's configs, fast"),
 ])
 def test_bad_values_are_refused_in_one_line(overrides, says):
@@ -292,7 +319,14 @@ def test_the_whitening_comes_from_the_training_split_and_its_bias_stops_after_it
 @pytest.mark.parametrize(("augmentation", "saved_as"), [
     ([], {"crop_padding": 2, "crop_padding_mode": "reflect", "flip": "alternate"}),
     (["--crop_padding=5", "--flip=none"], {"crop_padding": 5, "crop_padding_mode": "reflect", "flip": "none"}),
-], ids=["airbench94s", "reflect-5-no-flip"])
+    # speedrun's knobs (issue 21): Muon with hiverge's schedule, fp16 iteration and decoupled decay, the head on
+    # its own group, colour jitter, SiLU, the whitening bias's own line, and a budget ending mid-way in epoch 2.
+    (["--optimizer=muon", "--muon_norm_schedule=hiverge", "--muon_ns_dtype=float16", "--muon_coefficients=hiverge",
+      "--muon_weight_decay=0.0016", "--head_lr_scale=9.45", "--head_init=unit_std", "--brightness=0.14",
+      "--contrast=0.13", "--activation=silu", "--whiten_bias_decay=linear", "--lr_schedule=linear",
+      "--lookahead_every=0", "--n_iterations=25"],
+     {"optimizer": "muon", "n_iterations": 25, "activation": "silu", "muon_norm_schedule": "hiverge"}),
+], ids=["airbench94s", "reflect-5-no-flip", "speedrun-knobs"])
 def test_a_fast_run_killed_mid_epoch_resumes_bit_identically(train_fast, data_dir, tmp_path, augmentation, saved_as):
     # 15 batches an epoch (what wait_for_mid_epoch_checkpoint counts in), a checkpoint every 4; the whitening
     # bias freezes at the start of epoch 2, after the kill or before it. The `fast` config's augmentation (2-pixel

@@ -1,4 +1,5 @@
 """Faults a run meets on a shared cluster: kills at any instant, signals, a full disk, a diverging loss."""
+import json
 import random
 import shutil
 import signal
@@ -266,3 +267,27 @@ def test_time_based_checkpoints_land_mid_epoch(train_here, tmp_path):
     untimed = tmp_path / "untimed"
     assert train_here(untimed, "--n_epochs=1").returncode == 0  # TINY turns the timer off
     assert [checkpoint_iteration(p) for p in list_checkpoints(untimed / "checkpoints")] == [15]
+
+
+def test_an_iteration_budget_ending_mid_epoch_is_killed_anywhere_and_resumes_bit_identical(data_dir, tmp_path):
+    """n_iterations=40 of 3 epochs of 15 (hiverge's 243 steps of 8 epochs of 32): the schedule ends at step 40,
+    the third epoch is logged and saved at 10 of its 15 batches, the run is finished there; kills anywhere
+    change nothing, and a rerun trains nothing."""
+    budget = ["--n_iterations=40", "--lr_schedule=linear"]
+    reference = tmp_path / "reference"
+    done = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *budget, data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, *budget, "--checkpoint_every_n_batches=2"]
+    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(17))
+    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
+    assert_identical(reference, run)
+    contents = load_tensors(list_checkpoints(run / "checkpoints")[0])
+    rows = contents["progress"]["log"]
+    assert [row["iteration"] for row in rows] == [15, 30, 40] and contents["trainer"]["iteration"] == 40
+    lr = json.loads((run / "config.json").read_text())["lr"]
+    assert rows[-1]["lr"] == pytest.approx(lr * (1 - 39 / 40))  # the last step's: the schedule ends at 40
+    status = json.loads((run / "status.json").read_text())
+    assert status["finished"] and status["iterations_done"] == 40
+    again = run_script(TRAIN_SCRIPT, *args, data_dir=data_dir)
+    assert again.returncode == 0 and "already finished" in again.stdout

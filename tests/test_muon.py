@@ -161,3 +161,24 @@ def test_muon_killed_anywhere_resumes_bit_identical(data_dir, tmp_path):
     groups = state["param_groups"]
     assert [g["muon"] for g in groups] == [True, False] and groups[0]["norm_every"] == 2
     assert {s["step"] for s in state["state"].values() if "step" in s} == {45}  # 3 epochs of 15 steps, every bank
+
+
+def test_hiverges_norm_schedule_projects_when_its_interval_has_passed():
+    """cifar10_speedrun.py: at step t of T (counted from 1), project once t - (the last projection's t) reaches
+    2 + int(15 t / T); the first at t = 2."""
+    from src.training.optim import Clock, set_learning_rate
+
+    bank = weights([(8, 4, 3, 3)])[0]
+    optimizer = Muon([{"params": [bank], "muon": True}], lr=0.1, momentum=0.6, norm_schedule="hiverge",
+                     ns_dtype="float32")
+    total, projected, expected, last = 243, [], [], 0
+    for t in range(1, total + 1):
+        if t - last >= 2 + int(15 * t / total):
+            expected.append(t)
+            last = t
+        set_learning_rate(optimizer, 0.1, Clock(t, total, 32))
+        bank.grad = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(t))
+        optimizer.step()
+        if optimizer.state[bank].get("last_projection") == t:
+            projected.append(t)
+    assert projected == expected and expected[:3] == [2, 4, 6] and len(expected) < total // 2

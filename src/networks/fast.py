@@ -86,14 +86,18 @@ def conv3x3(in_channels, out_channels):
     return conv
 
 
-class ConvGroup(nn.Sequential):
-    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU: halves the image."""
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}  # airbench's GELU; hiverge's speedrun has SiLU in its groups
 
-    def __init__(self, in_channels, out_channels, bn_momentum):
+
+class ConvGroup(nn.Sequential):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU (or SiLU): halves the image."""
+
+    def __init__(self, in_channels, out_channels, bn_momentum, activation="gelu"):
+        act = ACTIVATIONS[activation]
         super().__init__(OrderedDict(
             conv1=conv3x3(in_channels, out_channels), pool=nn.MaxPool2d(2), norm1=batch_norm(out_channels, bn_momentum),
-            act1=nn.GELU(), conv2=conv3x3(out_channels, out_channels), norm2=batch_norm(out_channels, bn_momentum),
-            act2=nn.GELU()))
+            act1=act(), conv2=conv3x3(out_channels, out_channels), norm2=batch_norm(out_channels, bn_momentum),
+            act2=act()))
 
 
 class Scale(nn.Module):
@@ -112,10 +116,10 @@ class FastNet(nn.Sequential):
     """airbench94's net for uint8 images; `widths`: the three groups' channels (airbench's 64, 256, 256)."""
 
     def __init__(self, n_outputs, widths=(64, 256, 256), bn_momentum=0.4, logit_scale=1 / 9, whiten_images=5000,
-                 head_init="default"):
+                 head_init="default", activation="gelu"):
         groups, channels = [], 2 * 3 * PATCH**2
         for width in widths:
-            groups.append(ConvGroup(channels, width, bn_momentum))
+            groups.append(ConvGroup(channels, width, bn_momentum, activation))
             channels = width
         super().__init__(OrderedDict(
             inputs=Standardize(), whiten=Whitening(3, PATCH), whiten_act=nn.GELU(), groups=nn.Sequential(*groups),
@@ -172,7 +176,7 @@ class FastNet(nn.Sequential):
 def build_fast(config):
     """The fast family (configs/fast.py)."""
     return FastNet(n_classes(config["dataset"], config["label_mode"]), tuple(config["widths"]), config["bn_momentum"],
-                   config["logit_scale"], config["whiten_images"], config["head_init"])
+                   config["logit_scale"], config["whiten_images"], config["head_init"], config["activation"])
 
 
 def fast_parameters(widths, n_outputs):

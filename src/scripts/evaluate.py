@@ -28,7 +28,7 @@ RESULT_FILE = eval_file("test")  # with --test_set=NAME: eval_NAME.json
 def main(save_path, *, data_dir=None, device="auto", allow_unfinished=False, test_set="test", tta=None,
          corruptions=None):
     """Evaluate the latest, the best and the EMA model of the run in SAVE_PATH on the test set (--test_set:
-    test, cifar10.1 or cifar10c); --tta=flip, flip+shift or airbench (or several, comma-separated) adds
+    test, cifar10.1 or cifar10c); --tta=flip, flip+shift, airbench or hiverge (or several, comma-separated) adds
     test-time-augmented numbers beside the plain ones; --corruptions=NAME,... limits cifar10c to some
     corruptions."""
     from src.datasets.cifar_files import CIFAR10_CLASSES

@@ -18,6 +18,9 @@ A group is Muon's when it has `muon=True`; its keys:
     ns_dtype                        "bfloat16" (airbench's), "float16" (hiverge's) or "float32"
     norm_every                      0, or project each filter bank to Frobenius norm sqrt(out channels) every
                                     this many steps, before the update (airbench94_muon: every step)
+    norm_schedule                   "fixed" (every norm_every steps) or "hiverge": at step t of T, once
+                                    2 + int(15 t / T) steps have passed since the last projection (T from the
+                                    Clock the main loop gives the optimizer before each step)
 Banks whose matrices have one shape are orthogonalised together, in one batched call per shape (hiverge pads
 all of them to one shape; batching by shape gives the same matrices without the padding).
 """
@@ -51,11 +54,12 @@ class Muon(torch.optim.Optimizer):
     """Muon on the groups marked `muon=True`, SGD (Nesterov) on the others; see the module's docstring."""
 
     def __init__(self, params, lr, momentum, nesterov=True, weight_decay=0.0, ns_coefficients=AIRBENCH_NS,
-                 ns_steps=3, ns_dtype="bfloat16", norm_every=0):
+                 ns_steps=3, ns_dtype="bfloat16", norm_every=0, norm_schedule="fixed"):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=False,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        norm_every=norm_every)
+                        norm_every=norm_every, norm_schedule=norm_schedule)
         super().__init__(params, defaults)
+        self.clock = None  # src.training.optim.Clock, set before each step by set_learning_rate
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,15 +93,23 @@ class Muon(torch.optim.Optimizer):
             buffer = state["momentum_buffer"].mul_(momentum).add_(p.grad)
             updates.append(p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer)
             state["step"] += 1
-        every = group["norm_every"]
-        if every:
-            for p in params:
-                if self.state[p]["step"] % every == 0:  # airbench94_muon: every step, before the update
-                    p.mul_(math.sqrt(p.size(0)) / p.norm())
+        for p in params:
+            if self.projects(group, self.state[p]):  # airbench94_muon: every step, before the update
+                p.mul_(math.sqrt(p.size(0)) / p.norm())
         for p, direction in zip(params, self.orthogonalised(group, updates), strict=True):
             p.add_(direction.view_as(p).to(p.dtype), alpha=-lr)
             if group["weight_decay"]:
                 p.mul_(1 - lr * group["weight_decay"])
+
+    def projects(self, group, state):
+        """Whether this step scales the bank to norm sqrt(out channels) first (see norm_every, norm_schedule)."""
+        step = state["step"]
+        if group["norm_schedule"] == "hiverge" and self.clock is not None:
+            if step - state.get("last_projection", 0) < 2 + int(15 * step / self.clock.total_iterations):
+                return False
+            state["last_projection"] = step
+            return True
+        return bool(group["norm_every"]) and step % group["norm_every"] == 0
 
     @staticmethod
     def orthogonalised(group, updates):
@@ -116,6 +128,7 @@ class Muon(torch.optim.Optimizer):
 
 
 COEFFICIENTS = {"airbench": AIRBENCH_NS, "hiverge": HIVERGE_NS}
+NORM_SCHEDULES = ("fixed", "hiverge")
 
 
 def muon_groups(config, params):
@@ -144,4 +157,4 @@ def build_muon(config, params):
     return Muon(muon_groups(config, params), lr=config["lr"], momentum=config["momentum"], nesterov=True,
                 weight_decay=config["weight_decay"], ns_coefficients=COEFFICIENTS[config["muon_coefficients"]],
                 ns_steps=config["muon_ns_steps"], ns_dtype=config["muon_ns_dtype"],
-                norm_every=config["muon_norm_every"])
+                norm_every=config["muon_norm_every"], norm_schedule=config["muon_norm_schedule"])

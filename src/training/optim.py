@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from src.errors import UsageError
-from src.training.muon import build_muon
+from src.training.muon import Muon, build_muon
 
 
 def build_sgd(config, params):
@@ -116,12 +116,15 @@ def set_learning_rate(optimizer, lr, clock):
     function of the iteration, like the schedule: exact on resume."""
     if getattr(optimizer, "lookahead", None) is not None:
         optimizer.lookahead.clock = clock
+    if isinstance(optimizer, Muon):  # its hiverge norm schedule reads where training is
+        optimizer.clock = clock
     for group in optimizer.param_groups:
         until = group.get("until_epoch")
         if until is not None and clock.iteration - 1 >= until * clock.batches_per_epoch:
             group["lr"] = 0.0
         elif group.get("decay_to_zero"):  # its own straight line from that lr to 0 when it freezes (airbench94_muon)
-            group["lr"] = group["decay_to_zero"] * (1 - (clock.iteration - 1) / (until * clock.batches_per_epoch))
+            steps = math.ceil(until * clock.batches_per_epoch)  # hiverge's 0.19 epochs of 32 batches: 7 steps
+            group["lr"] = group["decay_to_zero"] * (1 - (clock.iteration - 1) / steps)
         elif "lr_scale" in group:
             group["lr"] = lr * group["lr_scale"]
         else:  # every group of every family before groups existed: the same float as before
