@@ -59,6 +59,20 @@ def kill_again_and_again(args, data_dir, n_kills, rng):
     return kills, kills_while_writing
 
 
+def killed_equals_uninterrupted(overrides, data_dir, tmp_path, rng):
+    """The TINY, RESUMABLE run with `overrides` trained once uninterrupted and once killed N_RECIPE_KILLS times
+    anywhere (a checkpoint every 2 batches); both end bit for bit alike -> (the killed run, its arguments)."""
+    reference = tmp_path / "reference"
+    done = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *overrides, data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    args = ["cifar10", run, *TINY, *RESUMABLE, *overrides, "--checkpoint_every_n_batches=2"]
+    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, rng)
+    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
+    assert_identical(reference, run)
+    return run, args
+
+
 def test_killed_at_random_instants_resumes_bit_identical(reference_run, data_dir, tmp_path):
     """Kill -9 again and again, at random instants after fresh progress, often inside a checkpoint write."""
     run = tmp_path / "run"
@@ -158,15 +172,7 @@ def test_fp16_with_skipped_steps_killed_anywhere_resumes_bit_identical(fp16_star
 def test_cuda_deterministic_run_killed_anywhere_resumes_bit_identical(data_dir, tmp_path):
     """On a GPU, deterministic=true (no cuDNN autotuning, deterministic algorithms) keeps the exact-resume
     contract: killed four times, the run ends bit for bit as an uninterrupted one."""
-    cuda = ["--device=cuda", "--deterministic=true"]
-    reference = tmp_path / "reference"
-    result = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *cuda, data_dir=data_dir)
-    assert result.returncode == 0, result.stderr
-    run = tmp_path / "run"
-    args = ["cifar10", run, *TINY, *RESUMABLE, *cuda, "--checkpoint_every_n_batches=2"]
-    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(7))
-    assert kills == N_RECIPE_KILLS
-    assert_identical(reference, run)
+    killed_equals_uninterrupted(["--device=cuda", "--deterministic=true"], data_dir, tmp_path, random.Random(7))
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGUSR1, signal.SIGUSR2])
@@ -274,14 +280,7 @@ def test_an_iteration_budget_ending_mid_epoch_is_killed_anywhere_and_resumes_bit
     the third epoch is logged and saved at 10 of its 15 batches, the run is finished there; kills anywhere
     change nothing, and a rerun trains nothing."""
     budget = ["--n_iterations=40", "--lr_schedule=linear"]
-    reference = tmp_path / "reference"
-    done = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *budget, data_dir=data_dir)
-    assert done.returncode == 0, done.stderr
-    run = tmp_path / "run"
-    args = ["cifar10", run, *TINY, *RESUMABLE, *budget, "--checkpoint_every_n_batches=2"]
-    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(17))
-    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
-    assert_identical(reference, run)
+    run, args = killed_equals_uninterrupted(budget, data_dir, tmp_path, random.Random(17))
     contents = load_tensors(list_checkpoints(run / "checkpoints")[0])
     rows = contents["progress"]["log"]
     assert [row["iteration"] for row in rows] == [15, 30, 40] and contents["trainer"]["iteration"] == 40

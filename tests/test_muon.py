@@ -145,18 +145,10 @@ MUON = ["--optimizer=muon", "--muon_lr=0.05", "--muon_norm_every=2", "--muon_wei
 def test_muon_killed_anywhere_resumes_bit_identical(data_dir, tmp_path):
     import random
 
-    from conftest import RESUMABLE, TINY, TRAIN_SCRIPT, assert_identical, run_script
     from src.runs.checkpoints import list_checkpoints, load_tensors
-    from test_faults import N_RECIPE_KILLS, kill_again_and_again
+    from test_faults import killed_equals_uninterrupted
 
-    reference = tmp_path / "reference"
-    done = run_script(TRAIN_SCRIPT, "cifar10", reference, *TINY, *RESUMABLE, *MUON, data_dir=data_dir)
-    assert done.returncode == 0, done.stderr
-    run = tmp_path / "run"
-    args = ["cifar10", run, *TINY, *RESUMABLE, *MUON, "--checkpoint_every_n_batches=2"]
-    kills, _ = kill_again_and_again(args, data_dir, N_RECIPE_KILLS, random.Random(21))
-    assert kills == N_RECIPE_KILLS, f"the run finished after only {kills} kills"
-    assert_identical(reference, run)
+    run, _ = killed_equals_uninterrupted(MUON, data_dir, tmp_path, random.Random(21))
     state = load_tensors(list_checkpoints(run / "checkpoints")[0])["optimizer"]
     groups = state["param_groups"]
     assert [g["muon"] for g in groups] == [True, False] and groups[0]["norm_every"] == 2

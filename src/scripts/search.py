@@ -140,9 +140,8 @@ def trial_jobs(search, options):
                            search.family.runner)
 
     for number in search.unsettled():
-        trial = search.storage.get_trial(search.trial_id(number))
-        if set(trial.params) == {d.key for d in search.dimensions}:
-            point = {d.key: search.config_of(trial)[d.key] for d in search.dimensions}
+        point = search.point_of(search.storage.get_trial(search.trial_id(number)))
+        if point is not None:
             yield job(number, search.arguments(point))
         elif (prepared := search.prepare(number)) is not None:  # asked, then killed before its point was drawn
             yield job(*prepared)
@@ -156,11 +155,12 @@ def launch(options, search):
     """Run the trials -> (the stopping signal or None, the numbers of trials left running: stopped or killed)."""
     from src.data import load_dataset
     from src.sweep import local_gpu_groups, make_executor, run_local
+    from src.sweep.search import trial_number
 
     left = set()
 
     def ended(job, error):
-        number = int(Path(job.save_path).name.split("_")[1])
+        number = trial_number(job.save_path)
         if search.settle(number, error):
             left.discard(number)
             search.say(f"trial {number}: {describe(search, number)}")
@@ -168,7 +168,7 @@ def launch(options, search):
             left.add(number)
 
     def finished(path):
-        return search.finished_or_pruned(int(Path(path).name.split("_")[1]))
+        return search.finished_or_pruned(trial_number(path))
 
     jobs = trial_jobs(search, options)
     if options.backend == "slurm":
@@ -190,8 +190,7 @@ def launch(options, search):
 
 def describe(search, number):
     trial = search.storage.get_trial(search.trial_id(number))
-    value = trial.value if trial.value is not None else None
-    shown = f" {search.record['metric']} {value:.4f}" if value is not None else ""
+    shown = f" {search.record['metric']} {trial.value:.4f}" if trial.value is not None else ""
     return f"{trial.state.name.lower()}{shown}" + (f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs
                                                   else "")
 

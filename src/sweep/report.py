@@ -24,7 +24,7 @@ def trials_table(search):
         value = trial.value if trial.value is not None else (values[max(values)] if values else None)
         row = {"trial": trial.number, "state": STATES.get(trial.state.name, trial.state.name.lower()),
                metric: value, "epochs": epochs_trained(trial_folder(search.search_dir, trial.number))}
-        point = search.config_of(trial) if set(trial.params) == {d.key for d in search.dimensions} else {}
+        point = search.point_of(trial) or {}
         row.update({d.key: point.get(d.key) for d in search.dimensions})
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", "state", metric, "epochs", *(d.key for d in search.dimensions)])
@@ -52,8 +52,7 @@ def best_command(search):
     if not done:
         return None
     best = search.study.best_trial
-    point = search.config_of(best)
-    arguments = search.arguments({d.key: point[d.key] for d in search.dimensions})
+    arguments = search.arguments(search.point_of(best))
     runner = Path(search.family.runner).relative_to(Path(__file__).resolve().parents[2])
     folder = f"{search.search_dir}_best"
     words = ["python", str(runner), search.record["config"], folder, *arguments]

@@ -20,6 +20,7 @@ from src.errors import RunError, UsageError
 from src.extensions.search_trial import TrialLink, maximized, open_storage
 from src.files import LOCK_FILE, read_json, write_json
 from src.runs.names import LOG
+from src.runs.reading import read_log
 from src.sweep.plan import _text, is_finished
 
 RECORD = "search.json"
@@ -34,6 +35,11 @@ SAMPLERS = ("tpe", "random")
 
 def trial_folder(search_dir, number):
     return Path(search_dir) / f"trial_{number:04d}"
+
+
+def trial_number(folder):
+    """The number `trial_folder` gave this folder."""
+    return int(Path(folder).name.split("_")[1])
 
 
 def default_storage(search_dir):
@@ -171,10 +177,21 @@ class Search:
         fixed = [f"--{key}={_text(value)}" for key, value in self.fixed.items()]
         return fixed + [f"--{key}={_text(value)}" for key, value in point.items()]
 
+    def point_of(self, trial):
+        """The trial's drawn values {key: value}, typed as the root types them; None while some key is not drawn
+        yet (a kill between the ask and the draw)."""
+        if set(trial.params) != {d.key for d in self.dimensions}:
+            return None
+        return {d.key: d.suggest(_Stored(trial.params), self.base) for d in self.dimensions}
+
     def config_of(self, trial):
-        """The resolved config of a trial from its stored point."""
-        point = {d.key: d.suggest(_Stored(trial.params), self.base) for d in self.dimensions}
-        return {**self.base, **self.fixed, **point}
+        """The resolved config of a trial whose point is drawn."""
+        return {**self.base, **self.fixed, **self.point_of(trial)}
+
+    def run_finished(self, trial):
+        """Whether the trial's run folder says finished, with the trial's own config."""
+        return self.point_of(trial) is not None and is_finished(trial_folder(self.search_dir, trial.number),
+                                                                self.config_of(trial))
 
     def unsettled(self):
         """The trials the study still has running, after a kill or a stop: those whose run finished are told so;
@@ -193,10 +210,7 @@ class Search:
         import optuna
 
         trial = self.storage.get_trial(self.trial_id(number))
-        if trial.state == optuna.trial.TrialState.PRUNED:
-            return True
-        return set(trial.params) == {d.key for d in self.dimensions} and is_finished(
-            trial_folder(self.search_dir, number), self.config_of(trial))
+        return trial.state == optuna.trial.TrialState.PRUNED or self.run_finished(trial)
 
     def trial_id(self, number):
         study_id = self.storage.get_study_id_from_name(self.record["study"])
@@ -213,9 +227,8 @@ class Search:
         trial = self.storage.get_trial(self.trial_id(number))
         if trial.state != optuna.trial.TrialState.RUNNING:
             return True
-        folder = trial_folder(self.search_dir, number)
-        if set(trial.params) == {d.key for d in self.dimensions} and is_finished(folder, self.config_of(trial)):
-            self.study.tell(number, self.final_value(folder))
+        if self.run_finished(trial):
+            self.study.tell(number, self.final_value(trial_folder(self.search_dir, number)))
             return True
         if error is None or resumable(error):
             return False
@@ -224,7 +237,8 @@ class Search:
         return True
 
     def final_value(self, folder):
-        value = read_log(folder)[-1].get(self.record["metric"])
+        log = read_log(folder)
+        value = log[self.record["metric"]].iloc[-1] if self.record["metric"] in log else None
         if value is None or not math.isfinite(value):
             raise RunError(f"{folder}/{LOG} has no {self.record['metric']} at its last epoch")
         return float(value)
@@ -248,9 +262,3 @@ class _Stored:
     def suggest_float(self, key, low, high, log=False):
         return self.params[key]
 
-
-def read_log(folder):
-    import json
-
-    text = (Path(folder) / LOG).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
